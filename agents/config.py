@@ -1,0 +1,114 @@
+"""Typed configs: dataclasses with a docstring per field, loaded from YAML, then overridden on the command line.
+
+Pattern (CleanRL ``Args`` + tyro): ``--config FILE`` is read first into the dataclass, which then becomes the
+default that tyro's parser overrides field by field (``--lr 1e-5``, nested ``--lora.rank 8``). ``--help`` lists
+every field with its docstring. Unknown YAML keys are an error that names the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Sequence, Type, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """A path as given, else relative to the project's ``configs/`` folder (``grpo_cpu.yaml`` works anywhere)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    q = CONFIG_DIR / p
+    if q.exists():
+        return q
+    raise FileNotFoundError(f"config file not found: {path} (also looked in {CONFIG_DIR})")
+
+
+def from_dict(cls: Type[T], data: dict[str, Any], *, where: str = "config") -> T:
+    """Build dataclass ``cls`` from a (nested) dict; unknown keys raise ``ValueError`` naming ``where``."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown} for {cls.__name__}; known: {sorted(fields)}")
+    kwargs = {}
+    base = cls()
+    for name, value in data.items():
+        current = getattr(base, name)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            kwargs[name] = from_dict(type(current), value, where=f"{where}.{name}")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def load_yaml(cls: Type[T], path: str | os.PathLike) -> T:
+    p = resolve_config_path(path)
+    with open(p) as f:
+        data = yaml.safe_load(f) or {}
+    return from_dict(cls, data, where=str(p))
+
+
+def save_yaml(cfg: Any, path: str | os.PathLike) -> None:
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temp file in the same folder and ``os.replace`` so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def parse_cli(
+    cls: Type[T], argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = None, description: str = ""
+) -> T:
+    """``--config FILE`` (optional) then field overrides; returns the filled dataclass."""
+    import tyro
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    default = cls()
+    config_path = None
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config":
+            if i + 1 >= len(argv):
+                raise SystemExit("--config needs a file path")
+            config_path = argv[i + 1]
+            i += 2
+            continue
+        if a.startswith("--config="):
+            config_path = a.split("=", 1)[1]
+            i += 1
+            continue
+        rest.append(a)
+        i += 1
+    if config_path is not None:
+        default = load_yaml(cls, config_path)
+    desc = description + "\n\n--config FILE: a YAML file of these fields (see configs/); flags below override it."
+    return tyro.cli(cls, args=rest, default=default, prog=prog, description=desc, config=(tyro.conf.FlagConversionOff,))

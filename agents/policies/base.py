@@ -1,0 +1,101 @@
+"""The policy interface: observations in, one step text per observation out.
+
+Anything implementing :class:`Policy` can be rolled out, evaluated, cloned and trained. Collection calls
+``act`` once per step for a whole batch of trajectories that advance in lock-step (all episodes have T+1 steps).
+``histories[i]`` holds the :class:`PolicyOutput` s trajectory ``i`` produced so far (empty at step 0), so a
+policy can continue a prefix (the VLM policy keeps its KV cache; scripted policies read their previous box).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Sequence
+
+
+@dataclass
+class SamplingParams:
+    """Per-step sampling settings (IVT Sec. 4.1 defaults)."""
+
+    temperature_first: float = 1.0
+    """Temperature at step 0."""
+    temperature_refine: float = 0.7
+    """Temperature at refinement steps t >= 1."""
+    max_new_tokens: int = 160
+    """Generation budget per step."""
+    greedy: bool = False
+    """Argmax decoding (evaluation); overrides the temperatures."""
+    stop_at_box: bool = True
+    """Stop a step's generation once a complete box has been emitted."""
+
+    def temperature(self, step: int) -> float:
+        return 0.0 if self.greedy else (self.temperature_first if step == 0 else self.temperature_refine)
+
+
+@dataclass
+class PolicyOutput:
+    """One step's action. ``text`` is the env action; token fields are filled by model policies."""
+
+    text: str
+    token_ids: Optional[list[int]] = None
+    logprobs: Optional[list[float]] = None
+    injected_ids: Optional[list[int]] = None
+    extra: dict = field(default_factory=dict)
+
+
+class Policy:
+    """Base class. Subclasses implement :meth:`act`; ``seed`` makes sampling reproducible."""
+
+    name: str = "policy"
+
+    def act(
+        self,
+        observations: Sequence[Mapping[str, Any]],
+        histories: Sequence[Sequence[PolicyOutput]],
+        infos: Sequence[Mapping[str, Any]],
+        sampling: SamplingParams,
+    ) -> list[PolicyOutput]:
+        """Return one :class:`PolicyOutput` per observation.
+
+        ``observations[i]`` is the env observation (``image``, ``expression``, ``step``, ``prev_box``,
+        ``prev_valid``); ``infos[i]`` the env info of the last reset/step (scripted policies that cheat, such as
+        the oracle and teacher, read ``gt_box_norm`` there; model policies must not).
+        """
+        raise NotImplementedError
+
+    def seed(self, seed: Optional[int]) -> None:  # pragma: no cover - default: nothing random
+        pass
+
+
+@dataclass
+class TokenLogprobs:
+    """Per-token quantities of the GENERATED tokens of a batch of trajectories, right-padded.
+
+    Generated tokens of all steps of trajectory ``i`` are concatenated in order (step 0 first); injected tokens
+    (prompt, overlay images, corrective instructions) never appear here.
+    """
+
+    logprobs: Any  # torch.Tensor (B, L) float, log pi(token | prefix); carries grad when asked for
+    entropy: Any  # torch.Tensor (B, L) float, entropy of the full next-token distribution at each position
+    mask: Any  # torch.Tensor (B, L) bool, True on real generated tokens
+
+
+class TrainablePolicy(Policy):
+    """A policy with parameters: what behaviour cloning and GRPO need, and nothing model-specific beyond it."""
+
+    def token_logprobs(self, trajectories: Sequence[Any], *, reference: bool = False, grad: bool = True) -> TokenLogprobs:
+        """Teacher-forced log-probs and entropies of each trajectory's generated tokens (token-in / token-out:
+        the stored ``token_ids``/``injected_ids`` are used as they are). ``reference=True``: under the frozen
+        reference policy (LoRA adapter disabled, or a frozen copy), never with grad."""
+        raise NotImplementedError
+
+    def bc_loss(self, trajectories: Sequence[Any]) -> tuple[Any, int]:
+        """Mean cross-entropy over the tokens the model must generate (injected tokens labelled -100), and the
+        number of such tokens. Trajectories may carry only texts (teacher data): the policy builds the
+        sequence exactly as at inference."""
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[Any]:
+        raise NotImplementedError
+
+    def save(self, directory: str) -> None:
+        raise NotImplementedError

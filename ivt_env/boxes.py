@@ -1,0 +1,150 @@
+"""Box text parsing, coordinate conversion and overlap measures.
+
+Conventions (DESIGN.md):
+- Inside the env, boxes are ``xyxy`` floats in pixels of the original image.
+- In text, boxes are integers in [0, 1000] normalised by width / height (Qwen3-VL):
+  ``x_norm = floor(x_px * 1000 / W)`` (IVT Sec. 3.1).
+
+``parse_box`` never raises: any string gives a :class:`ParsedBox`, valid or with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+NORM_MAX = 1000
+
+# A bracketed list of exactly four numbers: "[12, 30, 400, 512]" (ints or floats, signs allowed so we can
+# report "out of range" instead of silently missing a negative coordinate).
+_NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf|infinity)"
+_LIST4 = re.compile(
+    r"\[\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*\]",
+    re.IGNORECASE,
+)
+_THINK = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL | re.IGNORECASE)
+_ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL | re.IGNORECASE)
+_JSON_BBOX = re.compile(r"\{[^{}]*\"bbox_2d\"[^{}]*\}", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class ParsedBox:
+    """Result of parsing a step's text.
+
+    ``box`` is the normalised ``[x1, y1, x2, y2]`` in [0, 1000] (floats, usually integral) when ``valid``;
+    otherwise ``None`` and ``reason`` says why (``"no box found"``, ``"out of range"``, ``"x2 <= x1"``, ...).
+    """
+
+    box: Optional[tuple[float, float, float, float]]
+    reason: Optional[str] = None
+
+    @property
+    def valid(self) -> bool:
+        return self.box is not None
+
+
+def _check(vals: Sequence[float]) -> ParsedBox:
+    if any(math.isnan(v) for v in vals):
+        return ParsedBox(None, "NaN coordinate")
+    if any(math.isinf(v) for v in vals):
+        return ParsedBox(None, "infinite coordinate")
+    if any(v < 0 or v > NORM_MAX for v in vals):
+        return ParsedBox(None, f"out of range [0, {NORM_MAX}]")
+    x1, y1, x2, y2 = vals
+    if x2 <= x1:
+        return ParsedBox(None, "x2 <= x1")
+    if y2 <= y1:
+        return ParsedBox(None, "y2 <= y1")
+    return ParsedBox((float(x1), float(y1), float(x2), float(y2)))
+
+
+def _candidates(text: str) -> list[tuple[int, list[float]]]:
+    """All 4-number boxes in ``text`` with their end offsets (bracketed lists and JSON ``bbox_2d``)."""
+    found: list[tuple[int, list[float]]] = []
+    for m in _LIST4.finditer(text):
+        try:
+            found.append((m.end(), [float(g) for g in m.groups()]))
+        except ValueError:  # pragma: no cover - the regex only admits float() syntax
+            continue
+    for m in _JSON_BBOX.finditer(text):
+        try:
+            obj = json.loads(m.group(0))
+            vals = obj.get("bbox_2d")
+            if isinstance(vals, list) and len(vals) == 4 and all(isinstance(v, (int, float)) for v in vals):
+                found.append((m.end(), [float(v) for v in vals]))
+        except (ValueError, TypeError, AttributeError, RecursionError):
+            continue
+    return found
+
+
+def parse_box(text: object) -> ParsedBox:
+    """Parse the LAST box in a step's text.
+
+    Accepted forms: ``<think>...</think> [x1, y1, x2, y2]``, Qwen3-VL JSON ``{"bbox_2d": [...]}`` (also inside a
+    ```json fence or a list of such objects), and ``<answer>...</answer>`` wrappers (when an answer block exists,
+    only its content is searched). Boxes inside ``<think>`` are ignored when one exists outside it. Never raises.
+    """
+    try:
+        if not isinstance(text, str):
+            return ParsedBox(None, f"not a string: {type(text).__name__}")
+        answers = _ANSWER.findall(text)
+        scope = answers[-1] if answers else text
+        outside = _THINK.sub(" ", scope)
+        cands = _candidates(outside) or _candidates(scope)
+        if not cands:
+            return ParsedBox(None, "no box found")
+        cands.sort(key=lambda c: c[0])
+        return _check(cands[-1][1])
+    except Exception as exc:  # noqa: BLE001 - the contract is "never raise on any string"
+        return ParsedBox(None, f"parse error: {type(exc).__name__}")
+
+
+def format_box(box_norm: Sequence[float]) -> str:
+    """The canonical text form ``[x1, y1, x2, y2]`` with integer coordinates."""
+    return "[" + ", ".join(str(int(round(v))) for v in box_norm) + "]"
+
+
+def to_norm(box_px: Sequence[float], width: float, height: float) -> tuple[int, int, int, int]:
+    """Pixels -> integers in [0, 1000]: ``floor(x * 1000 / W)`` (IVT Sec. 3.1), clipped to the range."""
+    x1, y1, x2, y2 = box_px
+    f = lambda v, s: int(min(NORM_MAX, max(0, math.floor(v * NORM_MAX / s))))  # noqa: E731
+    return f(x1, width), f(y1, height), f(x2, width), f(y2, height)
+
+
+def to_pixels(box_norm: Sequence[float], width: float, height: float) -> tuple[float, float, float, float]:
+    """[0, 1000] -> pixel floats: ``x * W / 1000`` (inverse of :func:`to_norm` up to the floor)."""
+    x1, y1, x2, y2 = box_norm
+    return (x1 * width / NORM_MAX, y1 * height / NORM_MAX, x2 * width / NORM_MAX, y2 * height / NORM_MAX)
+
+
+def area(box: Sequence[float]) -> float:
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
+def iou(a: Optional[Sequence[float]], b: Optional[Sequence[float]]) -> float:
+    """Continuous IoU of two ``xyxy`` boxes (any common unit). ``None`` or empty boxes give 0."""
+    if a is None or b is None:
+        return 0.0
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0.0, iw) * max(0.0, ih)
+    union = area(a) + area(b) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+def giou(a: Optional[Sequence[float]], b: Optional[Sequence[float]]) -> float:
+    """Generalised IoU (Rezatofighi et al. 2019): IoU - |C \\ (A u B)| / |C|, in [-1, 1]. ``None`` gives -1."""
+    if a is None or b is None:
+        return -1.0
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0.0, iw) * max(0.0, ih)
+    union = area(a) + area(b) - inter
+    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    if hull <= 0:
+        return -1.0
+    i = inter / union if union > 0 else 0.0
+    return float(i - (hull - union) / hull)
