@@ -12,7 +12,8 @@ generated, with ``logprobs`` under the sampling policy (one per generated token)
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 import numpy as np
@@ -70,9 +71,11 @@ class Trajectory:
         return bool(self.steps) and all(s.token_ids is not None for s in self.steps)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        for s in d["steps"]:
-            s.pop("observation", None)
+        """JSON-ready dict; in-memory observation images are left out (never deep-copied)."""
+        d = {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "steps"}
+        d["steps"] = [
+            {f.name: copy.deepcopy(getattr(s, f.name)) for f in fields(s) if f.name != "observation"} for s in self.steps
+        ]
         return d
 
     @classmethod

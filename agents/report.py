@@ -1,0 +1,97 @@
+"""Markdown tables of a metrics dict, in the row layout of the IVT paper's Table 1 and Table 2 (plus Sec. 4.3 strata).
+
+Table 1 prints fractions with three decimals; Table 2 prints mean IoUs with three decimals and the outcome shares
+as percentages with one decimal, as the paper does.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+_STRATUM_LABEL = {"hard": "Hard (<0.5)", "medium": "Medium [0.5, 0.75)", "easy": "Easy (>=0.75)"}
+
+
+def _f3(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def _signed(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:+.3f}"
+
+
+def _pct(v: Optional[float]) -> str:
+    return "-" if v is None else f"{100.0 * v:.1f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def table1(m: Mapping[str, Any], name: str) -> str:
+    """IVT Table 1 row: Method | IVT | Acc@0.5 | Acc@0.7 | Acc@0.9 | IoU (final box)."""
+    ivt = f"T={m['steps']}" if m["steps"] > 0 else "no"
+    return _table(
+        ["Method", "IVT", "Acc@0.5", "Acc@0.7", "Acc@0.9", "IoU"],
+        [[name, ivt, _f3(m["acc@0.5"]), _f3(m["acc@0.7"]), _f3(m["acc@0.9"]), _f3(m["miou"])]],
+    )
+
+
+def table2(m: Mapping[str, Any], name: str) -> str:
+    """IVT Table 2 row: Model | Step 0..Step T | Delta | Impr. | Stagn. | Degr. (percent of trajectories)."""
+    steps = [f"Step {t}" for t in range(len(m["iou_step"]))]
+    row = [name] + [_f3(v) for v in m["iou_step"]]
+    row += [_signed(m["delta"]), _pct(m["improve_rate"]), _pct(m["stagnation_rate"]), _pct(m["degradation_rate"])]
+    return _table(["Model"] + steps + ["Δ", "Impr. %", "Stagn. %", "Degr. %"], [row])
+
+
+def strata_table(m: Mapping[str, Any]) -> str:
+    """IVT Sec. 4.3: strata of step-0 IoU with share, mean IoU at step 0 and at step T, and outcome shares."""
+    rows = []
+    for key, s in m["strata"].items():
+        rows.append(
+            [
+                _STRATUM_LABEL.get(key, key),
+                str(s["count"]),
+                _pct(s["share"]),
+                _f3(s["miou_step0"]),
+                _f3(s["miou_final"]),
+                _signed(s["delta"]),
+                _pct(s["improve_rate"]),
+                _pct(s["stagnation_rate"]),
+                _pct(s["degradation_rate"]),
+            ]
+        )
+    head = ["Stratum (step-0 IoU)", "n", "Share %", "IoU step 0", f"IoU step {m['steps']}", "Δ"]
+    return _table(head + ["Impr. %", "Stagn. %", "Degr. %"], rows)
+
+
+def dataset_table(m: Mapping[str, Any]) -> str:
+    rows = [
+        [k, str(v["n"]), _f3(v["acc@0.5"]), _f3(v["acc@0.7"]), _f3(v["acc@0.9"]), _f3(v["miou"])]
+        for k, v in m["by_dataset"].items()
+    ]
+    return _table(["Dataset", "n", "Acc@0.5", "Acc@0.7", "Acc@0.9", "IoU"], rows)
+
+
+def format_report(m: Mapping[str, Any], name: str = "policy", title: Optional[str] = None) -> str:
+    """All tables of one evaluation as Markdown (also readable as plain text on a terminal)."""
+    parts = [f"# {title}" if title else f"# Evaluation: {name}", ""]
+    parts += [f"n = {m['n']} trajectories, T = {m['steps']} refinement steps", ""]
+    parts += ["## Table 1: accuracy of the final box", "", table1(m, name), ""]
+    parts += ["## Table 2: mean IoU per step and outcome (|IoU_T - IoU_0| > 0.01)", "", table2(m, name), ""]
+    parts += ["## Difficulty strata (step-0 IoU)", "", strata_table(m), ""]
+    per_step = ", ".join(_pct(v) for v in m["format_rate_step"])
+    parts += [f"Valid format: {_pct(m['format_rate'])}% of all steps (per step: {per_step}); "
+              "invalid steps count as IoU 0."]
+    b = m["best_step"]
+    parts += [
+        f"Best box over the steps (Sec. 4.1 'best predicted box'): Acc@0.5 {_f3(b['acc@0.5'])}, "
+        f"Acc@0.7 {_f3(b['acc@0.7'])}, Acc@0.9 {_f3(b['acc@0.9'])}, IoU {_f3(b['miou'])}."
+    ]
+    if "return_mean" in m:
+        parts += [f"Mean return: {m['return_mean']:.4f}."]
+    if len(m.get("by_dataset", {})) > 1:
+        parts += ["", "## Per dataset (final box)", "", dataset_table(m)]
+    return "\n".join(parts) + "\n"

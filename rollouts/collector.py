@@ -1,0 +1,275 @@
+"""Collect groups of trajectories: N per sample, all advancing in lock-step so a batched policy sees full batches.
+
+Work is the list of (sample, group member) pairs in order (sample-major: the N members of a group are adjacent).
+It is cut into batches of B = number of env slots; each batch resets its slots to their samples
+(``options={"index": i}``), then calls ``policy.act`` ONCE per step for all running trajectories of the batch
+(across trajectories and samples) and steps every env with its text. An IVT episode always has T+1 steps, so a
+batch runs exactly T+1 policy calls of size B.
+
+Env sources: a gymnasium ``VectorEnv`` (``gymnasium.make_vec``; B = ``num_envs``), a list of envs (B = its
+length), a single env (B = 1), an env id or an env factory (B = ``num_envs``, default ``4 * group_size``).
+Per-env samples in a vector env come from masked resets (``options["reset_mask"]``), one per distinct sample.
+
+Before a policy sees ``infos[i]`` the collector adds ``group_member`` (0..N-1), ``group_id`` and ``max_steps``
+(T, when the env exposes ``max_refine_steps``). Each :class:`~rollouts.types.Step` gets the policy's text and token
+fields, the env's parsed box / validity / IoU / reward and, with ``keep_observations=True``, the observation image
+the policy saw at that step.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import gymnasium as gym
+import numpy as np
+
+from agents.policies.base import Policy, PolicyOutput, SamplingParams
+from rollouts.types import Step, Trajectory
+
+EnvSource = Union[gym.Env, gym.vector.VectorEnv, Sequence[gym.Env], Callable[[], gym.Env], str]
+_RESET_VECTOR_ENVS: "weakref.WeakSet" = weakref.WeakSet()  # vector envs whose every slot holds an observation
+
+
+def _py(v: Any) -> Any:
+    """numpy scalars/arrays from a vector env's info -> plain Python values."""
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
+
+
+def unbatch_info(info: dict, i: int) -> dict:
+    """Env ``i``'s info dict from a vector env's dict of arrays with ``_key`` masks (recursively)."""
+    out = {}
+    for k, v in info.items():
+        if k.startswith("_"):
+            continue
+        mask = info.get("_" + k)
+        if mask is not None and not mask[i]:
+            continue
+        out[k] = unbatch_info(v, i) if isinstance(v, dict) else _py(v[i])
+    return out
+
+
+def _unbatch_obs(obs: Any, i: int) -> Any:
+    if isinstance(obs, dict):
+        return {k: _unbatch_obs(v, i) for k, v in obs.items()}
+    return obs[i]
+
+
+class _ListSlots:
+    """B independent envs."""
+
+    def __init__(self, envs: Sequence[gym.Env], owned: bool):
+        self.envs, self.owned = list(envs), owned
+        self.n = len(self.envs)
+        self.max_steps = getattr(self.envs[0].unwrapped, "max_refine_steps", None)
+
+    def reset(self, items: list[tuple[int, int]], seeds: list[Optional[int]]) -> tuple[list, list]:
+        obs, infos = [], []
+        for slot, (index, _) in enumerate(items):
+            o, info = self.envs[slot].reset(seed=seeds[slot], options={"index": index})
+            obs.append(o)
+            infos.append(info)
+        return obs, infos
+
+    def step(self, actions: dict[int, str]) -> dict[int, tuple]:
+        return {slot: self.envs[slot].step(text) for slot, text in actions.items()}
+
+    def close(self) -> None:
+        if self.owned:
+            for env in self.envs:
+                env.close()
+
+
+class _VectorSlots:
+    """A gymnasium vector env; slots without work (last, partial batch) replay the batch's first sample."""
+
+    def __init__(self, vec: gym.vector.VectorEnv):
+        mode = getattr(vec, "autoreset_mode", None) or vec.metadata.get("autoreset_mode")
+        if mode is not None and getattr(mode, "name", str(mode)) == "SAME_STEP":
+            raise ValueError("collect_groups: vector envs with autoreset_mode SAME_STEP are not supported "
+                             "(use NEXT_STEP, the default, or DISABLED)")
+        self.vec, self.n = vec, vec.num_envs
+        try:
+            self.max_steps = vec.get_attr("max_refine_steps")[0]
+        except Exception:  # noqa: BLE001 - an env without the attribute simply gives no T to the policy
+            self.max_steps = None
+
+    def reset(self, items: list[tuple[int, int]], seeds: list[Optional[int]]) -> tuple[list, list]:
+        indices = [items[s][0] if s < len(items) else items[0][0] for s in range(self.n)]
+        infos: list = [None] * self.n
+        if self.vec not in _RESET_VECTOR_ENVS:
+            # masked resets need every slot to hold an observation already: one full reset first
+            obs, info = self.vec.reset(seed=list(seeds), options={"index": indices[0]})
+            _RESET_VECTOR_ENVS.add(self.vec)
+            infos = [unbatch_info(info, s) for s in range(self.n)]
+            seeds = [None] * self.n
+        todo = [s for s in range(self.n) if infos[s] is None or indices[s] != indices[0]]
+        for index in dict.fromkeys(indices[s] for s in todo):  # one masked reset per distinct sample
+            mask = np.array([s in todo and indices[s] == index for s in range(self.n)], dtype=np.bool_)
+            obs, info = self.vec.reset(seed=[seeds[s] if mask[s] else None for s in range(self.n)],
+                                       options={"index": index, "reset_mask": mask})
+            for s in np.flatnonzero(mask):
+                infos[s] = unbatch_info(info, int(s))
+        return [_unbatch_obs(obs, s) for s in range(self.n)], infos
+
+    def step(self, actions: dict[int, str]) -> dict[int, tuple]:
+        obs, rew, term, trunc, info = self.vec.step(tuple(actions.get(s, "") for s in range(self.n)))
+        return {s: (_unbatch_obs(obs, s), float(rew[s]), bool(term[s]), bool(trunc[s]), unbatch_info(info, s))
+                for s in actions}
+
+    def close(self) -> None:  # the caller owns the vector env
+        pass
+
+
+def _as_output(o: Any, where: str) -> PolicyOutput:
+    if isinstance(o, PolicyOutput):
+        return o
+    if isinstance(o, str):
+        return PolicyOutput(text=o)
+    raise TypeError(f"{where}: policy.act must return PolicyOutput objects (or strings), got {type(o).__name__}")
+
+
+def _list_or_none(v: Any) -> Optional[list[float]]:
+    return None if v is None else list(v)
+
+
+class Collector:
+    """Holds the env slots across calls (GRPO collects every iteration; datasets load once)."""
+
+    def __init__(self, envs: EnvSource, num_envs: Optional[int] = None, env_kwargs: Optional[dict] = None):
+        self._explicit_n = num_envs
+        if isinstance(envs, gym.vector.VectorEnv):
+            self.slots: Any = _VectorSlots(envs)
+        elif isinstance(envs, gym.Env):
+            self.slots = _ListSlots([envs], owned=False)
+        elif isinstance(envs, (list, tuple)):
+            if not envs or not all(isinstance(e, gym.Env) for e in envs):
+                raise TypeError("collect_groups: a list of envs must be non-empty and hold gymnasium.Env objects")
+            self.slots = _ListSlots(envs, owned=False)
+        elif isinstance(envs, str) or callable(envs):
+            self.slots = None  # built lazily once the batch size is known
+            kwargs = dict(env_kwargs or {})
+            self._factory = (lambda: gym.make(envs, **kwargs)) if isinstance(envs, str) else envs
+        else:
+            raise TypeError(f"collect_groups: cannot collect from a {type(envs).__name__}; give a vector env, an env, "
+                            "a list of envs, an env id or an env factory")
+
+    def _ensure(self, n_work: int, group_size: int) -> None:
+        if self.slots is None:
+            n = self._explicit_n or min(n_work, 4 * group_size)
+            self.slots = _ListSlots([self._factory() for _ in range(max(1, n))], owned=True)
+
+    def collect(
+        self,
+        policy: Policy,
+        sample_indices: Iterable[int],
+        group_size: int = 1,
+        sampling: Optional[SamplingParams] = None,
+        seed: Optional[int] = None,
+        keep_observations: bool = False,
+        progress: bool = False,
+    ) -> list[Trajectory]:
+        """N = ``group_size`` trajectories for each sample index, in order (group k = sample_indices[k])."""
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {group_size}")
+        sampling = sampling or SamplingParams()
+        work = [(int(idx), j, k) for k, idx in enumerate(sample_indices) for j in range(group_size)]
+        if not work:
+            return []
+        self._ensure(len(work), group_size)
+        if seed is not None and hasattr(policy, "seed"):
+            policy.seed(seed)
+        B = self.slots.n
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(work), desc="rollouts", unit="traj", dynamic_ncols=True)
+        out: list[Trajectory] = []
+        try:
+            for b0 in range(0, len(work), B):
+                batch = work[b0 : b0 + B]
+                first = seed is not None and b0 == 0
+                seeds = [seed + s if first else None for s in range(B)]
+                out.extend(self._run_batch(policy, batch, sampling, seeds, keep_observations))
+                if bar is not None:
+                    bar.update(len(batch))
+        finally:
+            if bar is not None:
+                bar.close()
+        return out
+
+    def _annotate(self, info: dict, item: tuple[int, int, int]) -> dict:
+        # in place: envs return a fresh info dict per call, and only keys are added
+        info["group_member"], info["group_id"] = item[1], item[2]
+        if self.slots.max_steps is not None:
+            info.setdefault("max_steps", self.slots.max_steps)
+        return info
+
+    def _run_batch(self, policy, batch, sampling, seeds, keep_obs) -> list[Trajectory]:
+        obs, infos = self.slots.reset([(idx, j) for idx, j, _ in batch], seeds)
+        n = len(batch)
+        trajs = []
+        for s, (idx, j, k) in enumerate(batch):
+            info = infos[s]
+            meta = {"index": idx, "group_member": j, "source": info.get("source")}
+            trajs.append(Trajectory(sample_id=str(info["sample_id"]), dataset=str(info.get("dataset", "")),
+                                    expression=str(obs[s]["expression"]), gt_box=_list_or_none(info["gt_box"]),
+                                    width=int(info["width"]), height=int(info["height"]), group_id=k, meta=meta))
+        cur_obs = obs[:n]
+        cur_infos = [self._annotate(infos[s], batch[s]) for s in range(n)]
+        histories: list[list[PolicyOutput]] = [[] for _ in range(n)]
+        active = list(range(n))
+        while active:
+            outs = policy.act([cur_obs[s] for s in active], [histories[s] for s in active],
+                              [cur_infos[s] for s in active], sampling)
+            if len(outs) != len(active):
+                raise ValueError(f"policy {type(policy).__name__}.act returned {len(outs)} outputs for {len(active)} "
+                                 "observations")
+            outs = [_as_output(o, type(policy).__name__) for o in outs]
+            results = self.slots.step({s: o.text for s, o in zip(active, outs)})
+            still = []
+            for s, o in zip(active, outs):
+                o_next, reward, term, trunc, info = results[s]
+                steps = trajs[s].steps
+                steps.append(Step(
+                    t=len(steps), text=o.text, valid=bool(info["valid"]), iou=float(info["iou"]), reward=float(reward),
+                    box_norm=_list_or_none(info.get("box_norm")), box=_list_or_none(info.get("box")),
+                    reason=info.get("reason"), token_ids=o.token_ids, logprobs=o.logprobs,
+                    injected_ids=o.injected_ids, observation=cur_obs[s]["image"] if keep_obs else None,
+                    extra=dict(o.extra) if o.extra else {},
+                ))
+                histories[s].append(o)
+                if not (term or trunc):
+                    cur_obs[s], cur_infos[s] = o_next, self._annotate(info, batch[s])
+                    still.append(s)
+            active = still
+        return trajs
+
+    def close(self) -> None:
+        if self.slots is not None:
+            self.slots.close()
+
+
+def collect_groups(
+    env_fn_or_vector_env: EnvSource,
+    policy: Policy,
+    sample_indices: Iterable[int],
+    group_size: int = 1,
+    sampling: Optional[SamplingParams] = None,
+    seed: Optional[int] = None,
+    keep_observations: bool = False,
+    progress: bool = False,
+    num_envs: Optional[int] = None,
+    env_kwargs: Optional[dict] = None,
+) -> list[Trajectory]:
+    """One-shot collection (see the module docstring); envs built here from an id/factory are closed after."""
+    collector = Collector(env_fn_or_vector_env, num_envs=num_envs, env_kwargs=env_kwargs)
+    try:
+        return collector.collect(policy, sample_indices, group_size, sampling, seed, keep_observations, progress)
+    finally:
+        collector.close()

@@ -1,0 +1,136 @@
+"""The collector: group layout, lock-step batches, Step fields, env sources (list / factory / id / vector env)."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import ivt_env  # noqa: F401  (registers the env ids)
+from agents.policies.base import Policy, PolicyOutput, SamplingParams
+from agents.policies.scripted import OraclePolicy, RandomPolicy
+from ivt_env.boxes import format_box, to_pixels
+from ivt_env.rendering import draw_box
+from rollouts.collector import Collector, collect_groups, unbatch_info
+
+GREEDY = SamplingParams(greedy=True)
+
+
+def synth(T=2):
+    return gym.make("IVT-Synthetic-v0", split="test", max_refine_steps=T)
+
+
+class Recorder(Policy):
+    """Answers a fixed box per step with fake token data; records every call's batch."""
+
+    def __init__(self):
+        self.calls = []
+
+    def act(self, observations, histories, infos, sampling):
+        self.calls.append({"steps": [int(o["step"]) for o in observations], "hist": [len(h) for h in histories],
+                           "members": [i["group_member"] for i in infos], "ids": [i["sample_id"] for i in infos],
+                           "max_steps": [i["max_steps"] for i in infos]})
+        out = []
+        for o in observations:
+            t = int(o["step"])
+            box = [100 + 50 * t, 100, 600, 700]
+            out.append(PolicyOutput(text=f"<think>t{t}</think> {format_box(box)}", token_ids=[t, t + 1],
+                                    logprobs=[-0.1 * t, -0.2], injected_ids=[9, 9, t], extra={"step": t}))
+        return out
+
+
+def test_groups_batches_and_step_fields():
+    pol = Recorder()
+    trajs = collect_groups(synth, pol, [5, 2, 7], group_size=4, sampling=GREEDY, num_envs=8, keep_observations=True)
+    ds = synth().unwrapped.dataset
+    assert len(trajs) == 12
+    # sample-major order, group ids and members
+    assert [t.meta["index"] for t in trajs] == [5] * 4 + [2] * 4 + [7] * 4
+    assert [t.group_id for t in trajs] == [0] * 4 + [1] * 4 + [2] * 4
+    assert [t.meta["group_member"] for t in trajs] == [0, 1, 2, 3] * 3
+    assert [t.sample_id for t in trajs[::4]] == [ds[5].sample_id, ds[2].sample_id, ds[7].sample_id]
+    # lock-step: batch of 8 (two full groups) for 3 steps, then 4 for 3 steps; each call is one step
+    assert [len(c["steps"]) for c in pol.calls] == [8, 8, 8, 4, 4, 4]
+    assert [set(c["steps"]) for c in pol.calls] == [{0}, {1}, {2}] * 2
+    assert [set(c["hist"]) for c in pol.calls] == [{0}, {1}, {2}] * 2
+    assert pol.calls[0]["members"] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert set(pol.calls[0]["max_steps"]) == {2}
+    for traj in trajs:
+        s = ds[traj.meta["index"]]
+        assert traj.gt_box == list(s.gt_box) and (traj.width, traj.height) == (s.width, s.height)
+        assert traj.expression == s.expression and traj.dataset == "synthetic"
+        assert [st.t for st in traj.steps] == [0, 1, 2]
+        image = s.load_image()
+        for st in traj.steps:
+            box_norm = [100 + 50 * st.t, 100, 600, 700]
+            box_px = list(to_pixels(box_norm, s.width, s.height))
+            assert st.valid and st.box_norm == box_norm and st.box == pytest.approx(box_px)
+            assert st.token_ids == [st.t, st.t + 1] and st.logprobs == [-0.1 * st.t, -0.2]
+            assert st.injected_ids == [9, 9, st.t] and st.extra == {"step": st.t}
+            gx1, gy1, gx2, gy2 = s.gt_box
+            inter = max(0, min(box_px[2], gx2) - max(box_px[0], gx1)) * max(0, min(box_px[3], gy2) - max(box_px[1], gy1))
+            union = (box_px[2] - box_px[0]) * (box_px[3] - box_px[1]) + (gx2 - gx1) * (gy2 - gy1) - inter
+            assert st.iou == pytest.approx(inter / union)
+        # IVT Eq. 3: nothing before the last step, then IoU_T + 0.1 * valid fraction
+        assert [st.reward for st in traj.steps[:-1]] == [0.0, 0.0]
+        assert traj.steps[-1].reward == pytest.approx(traj.steps[-1].iou + 0.1)
+        # observations: the image the policy saw at each step
+        np.testing.assert_array_equal(traj.steps[0].observation, image)
+        np.testing.assert_array_equal(traj.steps[1].observation, draw_box(image, traj.steps[0].box))
+        np.testing.assert_array_equal(traj.steps[2].observation, draw_box(image, traj.steps[1].box))
+
+
+def test_vector_env_matches_list_of_envs():
+    pol = RandomPolicy(invalid_rate=0.2)
+    ref = collect_groups(synth, pol, range(5), group_size=2, sampling=GREEDY, seed=3, num_envs=4)
+    vec = gym.make_vec("IVT-Synthetic-v0", num_envs=4, vectorization_mode="sync", split="test")
+    try:
+        got = collect_groups(vec, pol, range(5), group_size=2, sampling=GREEDY, seed=3)  # 10 work: 4 + 4 + 2 (+2 idle)
+        assert [t.to_dict() for t in got] == [t.to_dict() for t in ref]
+        again = collect_groups(vec, pol, range(5), group_size=2, sampling=GREEDY, seed=3)  # reused vector env
+        assert [t.to_dict() for t in again] == [t.to_dict() for t in ref]
+    finally:
+        vec.close()
+
+
+def test_env_sources_give_the_same_trajectories():
+    pol = OraclePolicy(noise=25.0)
+    ref = collect_groups(synth, pol, [3, 1], group_size=2, seed=0)
+    single = collect_groups(synth(), pol, [3, 1], group_size=2, seed=0)
+    by_id = collect_groups("IVT-Synthetic-v0", pol, [3, 1], group_size=2, seed=0,
+                           env_kwargs={"split": "test", "max_refine_steps": 2}, progress=True)
+    listed = collect_groups([synth(), synth(), synth()], pol, [3, 1], group_size=2, seed=0)
+    for other in (single, by_id, listed):
+        assert [t.to_dict() for t in other] == [t.to_dict() for t in ref]
+
+
+def test_collector_reuse_and_single_step():
+    c = Collector(lambda: synth(T=0), num_envs=3)
+    try:
+        a = c.collect(OraclePolicy(), range(4))
+        b = c.collect(OraclePolicy(), range(4, 6))
+        assert [len(t.steps) for t in a + b] == [1] * 6
+        assert [t.meta["index"] for t in b] == [4, 5]
+    finally:
+        c.close()
+    assert collect_groups(synth, OraclePolicy(), []) == []
+
+
+def test_bad_policy_and_sources():
+    class Short(Policy):
+        def act(self, observations, histories, infos, sampling):
+            return [PolicyOutput(text="[1, 1, 2, 2]")][: len(observations) - 1]
+
+    with pytest.raises(ValueError, match="returned 1 outputs for 2 observations"):
+        collect_groups(synth, Short(), [0, 1], num_envs=2)
+    with pytest.raises(TypeError, match="cannot collect from a int"):
+        collect_groups(3, OraclePolicy(), [0])
+    with pytest.raises(ValueError, match="group_size"):
+        collect_groups(synth, OraclePolicy(), [0], group_size=0)
+
+
+def test_unbatch_info():
+    info = {"a": np.array([1, 2]), "_a": np.array([True, True]), "b": np.array([None, (1, 2)], dtype=object),
+            "_b": np.array([False, True]), "c": {"d": np.array([0.5, 1.5]), "_d": np.array([True, True])},
+            "_c": np.array([True, True])}
+    assert unbatch_info(info, 0) == {"a": 1, "c": {"d": 0.5}}
+    assert unbatch_info(info, 1) == {"a": 2, "b": (1, 2), "c": {"d": 1.5}}
+    assert type(unbatch_info(info, 0)["a"]) is int
