@@ -1,0 +1,65 @@
+"""IVT environments: referring-expression grounding with visual self-correction as Gymnasium envs.
+
+Importing the package registers the env ids below. ``gym.make("ivt_env:IVT-Mix-v0")`` works without a prior
+import (Gymnasium imports the module named before the colon).
+
+=====================  ===========  =============================================================
+id                     dataset      note
+=====================  ===========  =============================================================
+``IVT-Synthetic-v0``   synthetic    procedural scenes, no download
+``IVT-RefCOCOg-v0``    refcocog     umd splits (refer pickle + instances.json, or parquet)
+``IVT-RefAdv-v0``      refadv       Ref-Adv-s
+``IVT-RefL4-v0``       refl4        Ref-L4 (val/test)
+``IVT-Mix-v0``         mix          the paper's balanced 1:1:1 benchmark
+=====================  ===========  =============================================================
+
+Keyword arguments (``gym.make(id, split=..., max_refine_steps=..., reward_fn=..., data_root=..., ...)``) are those
+of :class:`ivt_env.env.GroundingRefineEnv`.
+"""
+
+from __future__ import annotations
+
+from gymnasium.envs.registration import register, registry
+
+from ivt_env.boxes import ParsedBox, format_box, giou, iou, parse_box, to_norm, to_pixels
+from ivt_env.env import GroundingRefineEnv
+from ivt_env.rendering import Overlay, OverlayStyle, draw_box
+from ivt_env.rewards import REWARDS, get_reward, ivt_reward, register_reward
+from ivt_env.spaces import FreeText, ImageSpace
+
+ENV_DATASETS = {
+    "IVT-Synthetic-v0": "synthetic",
+    "IVT-RefCOCOg-v0": "refcocog",
+    "IVT-RefAdv-v0": "refadv",
+    "IVT-RefL4-v0": "refl4",
+    "IVT-Mix-v0": "mix",
+}
+
+for _env_id, _dataset in ENV_DATASETS.items():
+    if _env_id not in registry:
+        register(
+            id=_env_id,
+            entry_point="ivt_env.env:GroundingRefineEnv",
+            kwargs={"dataset": _dataset, "split": "train", "max_refine_steps": 2},
+        )
+
+__all__ = [
+    "ENV_DATASETS",
+    "FreeText",
+    "GroundingRefineEnv",
+    "ImageSpace",
+    "Overlay",
+    "OverlayStyle",
+    "ParsedBox",
+    "REWARDS",
+    "draw_box",
+    "format_box",
+    "get_reward",
+    "giou",
+    "iou",
+    "ivt_reward",
+    "parse_box",
+    "register_reward",
+    "to_norm",
+    "to_pixels",
+]

@@ -27,7 +27,11 @@ _LIST4 = re.compile(
 )
 _THINK = re.compile(r"<think>.*?(?:</think>|$)", re.DOTALL | re.IGNORECASE)
 _ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL | re.IGNORECASE)
-_JSON_BBOX = re.compile(r"\{[^{}]*\"bbox_2d\"[^{}]*\}", re.DOTALL)
+_THINK_TAG = re.compile(r"<think>", re.IGNORECASE)
+_ANSWER_TAG = re.compile(r"<answer>", re.IGNORECASE)
+# One flat JSON object (no nested braces); ``"bbox_2d"`` is checked on the match. Putting the key inside the
+# pattern (``\{[^{}]*"bbox_2d"[^{}]*\}``) backtracks quadratically on a long brace-less run of repeated keys.
+_JSON_OBJ = re.compile(r"\{[^{}]*\}")
 
 
 @dataclass(frozen=True)
@@ -47,13 +51,16 @@ class ParsedBox:
 
 
 def _check(vals: Sequence[float]) -> ParsedBox:
-    if any(math.isnan(v) for v in vals):
-        return ParsedBox(None, "NaN coordinate")
-    if any(math.isinf(v) for v in vals):
-        return ParsedBox(None, "infinite coordinate")
-    if any(v < 0 or v > NORM_MAX for v in vals):
-        return ParsedBox(None, f"out of range [0, {NORM_MAX}]")
     x1, y1, x2, y2 = vals
+    for v in vals:
+        if v != v:
+            return ParsedBox(None, "NaN coordinate")
+    for v in vals:
+        if v in (math.inf, -math.inf):
+            return ParsedBox(None, "infinite coordinate")
+    for v in vals:
+        if v < 0 or v > NORM_MAX:
+            return ParsedBox(None, f"out of range [0, {NORM_MAX}]")
     if x2 <= x1:
         return ParsedBox(None, "x2 <= x1")
     if y2 <= y1:
@@ -61,22 +68,27 @@ def _check(vals: Sequence[float]) -> ParsedBox:
     return ParsedBox((float(x1), float(y1), float(x2), float(y2)))
 
 
+def _json_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def _candidates(text: str) -> list[tuple[int, list[float]]]:
     """All 4-number boxes in ``text`` with their end offsets (bracketed lists and JSON ``bbox_2d``)."""
-    found: list[tuple[int, list[float]]] = []
-    for m in _LIST4.finditer(text):
-        try:
-            found.append((m.end(), [float(g) for g in m.groups()]))
-        except ValueError:  # pragma: no cover - the regex only admits float() syntax
-            continue
-    for m in _JSON_BBOX.finditer(text):
-        try:
-            obj = json.loads(m.group(0))
-            vals = obj.get("bbox_2d")
-            if isinstance(vals, list) and len(vals) == 4 and all(isinstance(v, (int, float)) for v in vals):
-                found.append((m.end(), [float(v) for v in vals]))
-        except (ValueError, TypeError, AttributeError, RecursionError):
-            continue
+    found = [(m.end(), [float(g) for g in m.groups()]) for m in _LIST4.finditer(text)]
+    if '"bbox_2d"' in text:
+        # A JSON object's bbox_2d wins over other lists inside the same object ({"bbox_2d": A, "other": B}).
+        for m in _JSON_OBJ.finditer(text):
+            if '"bbox_2d"' not in m.group(0):
+                continue
+            try:
+                vals = json.loads(m.group(0)).get("bbox_2d")
+            except (ValueError, TypeError, AttributeError, RecursionError):
+                continue
+            if isinstance(vals, list) and len(vals) == 4 and all(_json_number(v) for v in vals):
+                try:
+                    found.append((m.end(), [float(v) for v in vals]))
+                except OverflowError:  # an integer beyond float range
+                    found.append((m.end(), [math.inf] * 4))
     return found
 
 
@@ -90,14 +102,15 @@ def parse_box(text: object) -> ParsedBox:
     try:
         if not isinstance(text, str):
             return ParsedBox(None, f"not a string: {type(text).__name__}")
-        answers = _ANSWER.findall(text)
+        answers = _ANSWER.findall(text) if _ANSWER_TAG.search(text) else None
         scope = answers[-1] if answers else text
-        outside = _THINK.sub(" ", scope)
-        cands = _candidates(outside) or _candidates(scope)
+        if _THINK_TAG.search(scope):
+            cands = _candidates(_THINK.sub(" ", scope)) or _candidates(scope)
+        else:  # the common case of a bare answer: one regex pass
+            cands = _candidates(scope)
         if not cands:
             return ParsedBox(None, "no box found")
-        cands.sort(key=lambda c: c[0])
-        return _check(cands[-1][1])
+        return _check(max(cands, key=lambda c: c[0])[1])
     except Exception as exc:  # noqa: BLE001 - the contract is "never raise on any string"
         return ParsedBox(None, f"parse error: {type(exc).__name__}")
 
@@ -108,9 +121,18 @@ def format_box(box_norm: Sequence[float]) -> str:
 
 
 def to_norm(box_px: Sequence[float], width: float, height: float) -> tuple[int, int, int, int]:
-    """Pixels -> integers in [0, 1000]: ``floor(x * 1000 / W)`` (IVT Sec. 3.1), clipped to the range."""
+    """Pixels -> integers in [0, 1000]: ``floor(x * 1000 / W)`` (IVT Sec. 3.1), clipped to the range.
+
+    A tolerance of 1e-9 inside the floor keeps ``to_norm(to_pixels(b)) == b`` for integer boxes despite float
+    rounding (``29 * 100 / 1000 * 1000 / 100`` is ``28.999999999999996``).
+    """
+    if not (width > 0 and height > 0):
+        raise ValueError(f"image size must be positive, got width={width!r}, height={height!r}")
     x1, y1, x2, y2 = box_px
-    f = lambda v, s: int(min(NORM_MAX, max(0, math.floor(v * NORM_MAX / s))))  # noqa: E731
+
+    def f(v: float, s: float) -> int:
+        return int(min(NORM_MAX, max(0, math.floor(v * NORM_MAX / s + 1e-9))))
+
     return f(x1, width), f(y1, height), f(x2, width), f(y2, height)
 
 
@@ -128,9 +150,11 @@ def iou(a: Optional[Sequence[float]], b: Optional[Sequence[float]]) -> float:
     """Continuous IoU of two ``xyxy`` boxes (any common unit). ``None`` or empty boxes give 0."""
     if a is None or b is None:
         return 0.0
-    iw = min(a[2], b[2]) - max(a[0], b[0])
-    ih = min(a[3], b[3]) - max(a[1], b[1])
-    inter = max(0.0, iw) * max(0.0, ih)
+    ax1, ay1, ax2, ay2 = a
+    bx1, by1, bx2, by2 = b
+    iw = min(ax2, bx2) - max(ax1, bx1)
+    ih = min(ay2, by2) - max(ay1, by1)
+    inter = iw * ih if iw > 0 and ih > 0 else 0.0
     union = area(a) + area(b) - inter
     return float(inter / union) if union > 0 else 0.0
 

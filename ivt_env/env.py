@@ -1,0 +1,279 @@
+"""The IVT refinement loop as a Gymnasium environment: predict a box, see it drawn, refine (IVT Sec. 3.1)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from ivt_env.boxes import NORM_MAX, iou, parse_box, to_norm, to_pixels
+from ivt_env.datasets.base import DatasetError, GroundingDataset, Sample
+from ivt_env.rendering import Overlay, OverlayStyle
+from ivt_env.rewards import RewardFn, get_reward
+from ivt_env.spaces import FreeText, ImageSpace
+
+MAX_EXPRESSION_CHARS = 4096
+MAX_ACTION_CHARS = 16384
+
+
+class GroundingRefineEnv(gym.Env):
+    """Referring-expression grounding with visual self-correction (Iterative Visual Thinking).
+
+    ## Description
+    Each episode is one dataset sample: an image and a referring expression that names one object. The agent
+    answers with a box, sees that box drawn on the image as a red semi-transparent overlay, and answers again,
+    ``max_refine_steps`` (T) times. The env parses each answer, scores it against the ground-truth box and renders
+    the overlay; it knows nothing about models or tokens.
+
+    ## Action Space
+    :class:`~ivt_env.spaces.FreeText`: the full text the policy produced at this step (reasoning and box). The
+    LAST box in the text counts (``ivt_env.boxes.parse_box``): ``[x1, y1, x2, y2]`` integers in [0, 1000]
+    normalised by width/height, Qwen3-VL JSON ``{"bbox_2d": [...]}`` (also in a ```json fence) or inside
+    ``<answer>...</answer>``. An unparseable text is a legal action: ``info["valid"]`` is ``False``, IoU 0.
+
+    ## Observation Space
+    A ``Dict``:
+
+    - ``image``: :class:`~ivt_env.spaces.ImageSpace`, ``uint8`` RGB ``(H, W, 3)`` at the sample's native size. At
+      step 0 the original image; at step t the original with step t-1's box drawn (nothing when it was invalid).
+    - ``expression``: :class:`~ivt_env.spaces.FreeText`, the referring expression.
+    - ``step``: ``Discrete(T + 2)``, the index of the step about to be taken (``T + 1`` once the episode is over).
+    - ``prev_box``: ``Box(0, 1000, (4,), float32)``, the previous step's box normalised to [0, 1000]; zeros at step
+      0 or when the previous step had no valid box.
+    - ``prev_valid``: ``Discrete(2)``, 1 when ``prev_box`` holds a valid box.
+
+    ## Rewards
+    ``reward_fn(ious, valids, *, step, max_steps)`` (see :mod:`ivt_env.rewards`). Default IVT Eq. 3: 0 at
+    intermediate steps and ``IoU(final box, GT) + 0.1 * (fraction of steps with a valid box)`` at the last step.
+
+    ## Starting State
+    ``reset(seed=...)`` draws a sample uniformly with the env's RNG; ``options={"index": i}`` or
+    ``options={"sample_id": s}`` picks one. The first observation is the original image without overlay.
+
+    ## Episode End
+    After T + 1 actions (step 0 plus T refinements) the episode terminates (``terminated=True``); it never truncates.
+    Call ``reset`` before stepping again.
+
+    ## Info
+    ``sample_id, dataset, source`` (the sample's origin, e.g. within ``mix``), ``index, gt_box`` (xyxy pixels),
+    ``gt_box_norm``, ``width, height, step`` (index of the step reported, -1 after reset), ``max_steps`` (T),
+    ``box`` (pixels or None), ``box_norm``, ``valid``, ``reason`` (why the box is invalid, else None), ``iou``,
+    ``ious`` and ``valids`` (all steps so far).
+
+    ## Arguments
+    - ``dataset``: a name for :func:`ivt_env.datasets.load_dataset` (``synthetic``, ``refcocog``, ``refadv``,
+      ``refl4``, ``mix``) or a dataset object with ``name``, ``__len__``, ``__getitem__`` -> ``Sample`` and
+      ``sample_ids``.
+    - ``split``: dataset split (``train``, ``val``, ``test``); ignored for a dataset object.
+    - ``max_refine_steps``: T, refinement steps after step 0 (default 2, as in the paper).
+    - ``reward_fn``: ``None`` (IVT Eq. 3), a callable, a registered name or ``"pkg.module:attr"``.
+    - ``data_root``: where the datasets lie; ``None`` lets the loader use ``$IVT_DATA``.
+    - ``render_mode``: ``None`` or ``"rgb_array"`` (``render()`` returns a copy of the current observation image:
+      the original at step 0, then the original with the last box drawn).
+    - ``dataset_kwargs``: extra keyword arguments for the loader.
+    - ``overlay``: an :class:`~ivt_env.rendering.OverlayStyle` or a dict of its fields.
+    - ``max_image_size``: ``(max_height, max_width)`` bound of the image space; ``None`` takes the dataset's
+      ``max_image_size`` attribute or scans its samples' sizes.
+
+    ## Version History
+    - v0: first version.
+    """
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 1}
+
+    def __init__(
+        self,
+        dataset: Union[str, GroundingDataset] = "synthetic",
+        split: str = "train",
+        max_refine_steps: int = 2,
+        reward_fn: Union[str, RewardFn, None] = None,
+        data_root: Optional[str] = None,
+        render_mode: Optional[str] = None,
+        dataset_kwargs: Optional[Mapping[str, Any]] = None,
+        overlay: Union[OverlayStyle, Mapping[str, Any], None] = None,
+        max_image_size: Optional[Sequence[int]] = None,
+    ):
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
+        if not isinstance(max_refine_steps, (int, np.integer)) or max_refine_steps < 0:
+            raise ValueError(f"max_refine_steps must be an int >= 0, got {max_refine_steps!r}")
+        self.render_mode = render_mode
+        self.max_refine_steps = int(max_refine_steps)
+        self.reward_fn = get_reward(reward_fn)
+        self.overlay_style = OverlayStyle.coerce(overlay)
+        self.dataset = _resolve_dataset(dataset, split, data_root, dataset_kwargs)
+        self.dataset_name = str(getattr(self.dataset, "name", type(self.dataset).__name__))
+        if len(self.dataset) == 0:
+            raise DatasetError(f"dataset {self.dataset_name!r} (split {split!r}) has no samples")
+        max_h, max_w = _image_bound(self.dataset, max_image_size)
+
+        T = self.max_refine_steps
+        self.observation_space = spaces.Dict(
+            {
+                "image": ImageSpace(max_h, max_w),
+                "expression": FreeText(MAX_EXPRESSION_CHARS),
+                "step": spaces.Discrete(T + 2),
+                "prev_box": spaces.Box(0.0, float(NORM_MAX), shape=(4,), dtype=np.float32),
+                "prev_valid": spaces.Discrete(2),
+            }
+        )
+        self.action_space = FreeText(MAX_ACTION_CHARS)
+        self._ids: Optional[dict[str, int]] = None
+        self._sample: Optional[Sample] = None
+        self._t = -1  # index of the next step; -1 before the first reset
+
+    # ------------------------------------------------------------------ gymnasium API
+    def reset(self, *, seed: Optional[int] = None, options: Optional[Mapping[str, Any]] = None):
+        super().reset(seed=seed)
+        index = self._pick_index(options or {})
+        self._sample = None  # a failed reset must not let step() continue the previous episode
+        sample = self.dataset[index]
+        image = sample.load_image()
+        expected = (sample.height, sample.width, 3)
+        if not (isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape == expected):
+            got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            raise DatasetError(
+                f"sample {sample.sample_id!r} of dataset {self.dataset_name!r}: image is {got}, expected uint8 "
+                f"({sample.height}, {sample.width}, 3) as its record says"
+            )
+        if len(sample.expression) > MAX_EXPRESSION_CHARS:
+            raise DatasetError(f"sample {sample.sample_id!r}: expression longer than {MAX_EXPRESSION_CHARS} chars")
+        self._sample, self._index = sample, index
+        self._overlay = Overlay(image, self.overlay_style)  # tints the frame once for the whole episode
+        self._gt = tuple(float(v) for v in sample.gt_box)
+        self._gt_norm = to_norm(self._gt, sample.width, sample.height)
+        self._ious: list[float] = []
+        self._valids: list[bool] = []
+        self._t = 0
+        self._frame = image.copy()  # a new array: the caller may write into observations
+        obs = self._observation(None)
+        return obs, self._info(-1, None, None, False, None, 0.0)
+
+    def step(self, action: str):
+        if self._sample is None:
+            raise RuntimeError("call reset() before step()")
+        T = self.max_refine_steps
+        if self._t > T:
+            raise RuntimeError(f"the episode ended after {T + 1} steps: call reset() before step()")
+        t = self._t
+        sample = self._sample
+        parsed = parse_box(action)
+        box_norm = parsed.box
+        box_px = to_pixels(box_norm, sample.width, sample.height) if box_norm is not None else None
+        score = iou(box_px, self._gt) if box_px is not None else 0.0
+        self._ious.append(score)
+        self._valids.append(box_px is not None)
+        reward = float(self.reward_fn(list(self._ious), list(self._valids), step=t, max_steps=T))
+        self._t = t + 1
+        self._frame = self._overlay.draw(box_px)  # None draws nothing: a plain copy of the original
+        obs = self._observation(box_norm)
+        info = self._info(t, box_px, box_norm, box_px is not None, parsed.reason, score)
+        return obs, reward, t == T, False, info
+
+    def render(self) -> Optional[np.ndarray]:
+        if self.render_mode != "rgb_array":
+            return None
+        if self._sample is None:
+            raise RuntimeError("call reset() before render()")
+        return self._frame.copy()
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def current_sample(self) -> Optional[Sample]:
+        """The sample of the running episode (``None`` before the first reset)."""
+        return self._sample
+
+    def _pick_index(self, options: Mapping[str, Any]) -> int:
+        n = len(self.dataset)
+        unknown = set(options) - {"index", "sample_id"}
+        if unknown:
+            raise ValueError(f"unknown reset options {sorted(unknown)}: use 'index' or 'sample_id'")
+        if "index" in options and "sample_id" in options:
+            raise ValueError("reset options: give 'index' or 'sample_id', not both")
+        if "index" in options:
+            index = options["index"]
+            if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not -n <= index < n:
+                raise ValueError(f"reset option index={index!r} is not an int in [0, {n}) for {self.dataset_name!r}")
+            return int(index) % n
+        if "sample_id" in options:
+            return self._index_of(str(options["sample_id"]))
+        return int(self.np_random.integers(n))
+
+    def _index_of(self, sid: str) -> int:
+        index_of = getattr(self.dataset, "index_of", None)
+        if index_of is not None:  # the datasets' own lookup (lazy ids, no table)
+            try:
+                return int(index_of(sid))
+            except (KeyError, ValueError):
+                pass
+        else:
+            if self._ids is None:
+                self._ids = {str(s): i for i, s in enumerate(self.dataset.sample_ids)}
+            if sid in self._ids:
+                return self._ids[sid]
+        raise ValueError(f"reset option sample_id={sid!r} is not in dataset {self.dataset_name!r}")
+
+    def _observation(self, prev_norm) -> dict[str, Any]:
+        return {
+            "image": self._frame,
+            "expression": self._sample.expression,
+            "step": self._t,
+            "prev_box": np.asarray(prev_norm if prev_norm is not None else (0.0,) * 4, dtype=np.float32),
+            "prev_valid": int(prev_norm is not None),
+        }
+
+    def _info(self, step, box_px, box_norm, valid, reason, score) -> dict[str, Any]:
+        s = self._sample
+        return {
+            "sample_id": s.sample_id,
+            "dataset": self.dataset_name,
+            "source": s.source,
+            "index": self._index,
+            "gt_box": self._gt,
+            "gt_box_norm": self._gt_norm,
+            "width": s.width,
+            "height": s.height,
+            "step": step,
+            "max_steps": self.max_refine_steps,
+            "box": box_px,
+            "box_norm": box_norm,
+            "valid": valid,
+            "reason": reason,
+            "iou": score,
+            "ious": list(self._ious),
+            "valids": list(self._valids),
+        }
+
+
+def _resolve_dataset(dataset, split, data_root, dataset_kwargs) -> GroundingDataset:
+    if isinstance(dataset, str):
+        from ivt_env.datasets import load_dataset  # late: the env module must import without the loaders
+
+        return load_dataset(dataset, split, data_root=data_root, **dict(dataset_kwargs or {}))
+    if dataset_kwargs:
+        raise ValueError("dataset_kwargs only apply when dataset is a name")
+    for attr in ("__len__", "__getitem__", "sample_ids"):
+        if not hasattr(dataset, attr):
+            raise TypeError(
+                f"dataset must be a name or a GroundingDataset (missing {attr}), got {type(dataset).__name__}"
+            )
+    return dataset
+
+
+def _image_bound(dataset: GroundingDataset, given: Optional[Sequence[int]]) -> tuple[int, int]:
+    """(max_height, max_width) of the image space: given, declared by the dataset, or read from its samples.
+
+    Order: the ``max_image_size`` argument; a ``max_image_size`` attribute ``(H, W)`` on the dataset (every built-in
+    dataset declares one); else every sample's ``height``/``width`` (pass ``max_image_size`` for a lazy custom
+    dataset whose samples are costly to build).
+    """
+    bound = given if given is not None else getattr(dataset, "max_image_size", None)
+    if bound is None:
+        heights, widths = zip(*((s.height, s.width) for s in (dataset[i] for i in range(len(dataset)))))
+        bound = (max(heights), max(widths))
+    h, w = (int(v) for v in bound)
+    if h < 1 or w < 1:
+        raise ValueError(f"max_image_size must be two positive ints (height, width), got {bound!r}")
+    return h, w

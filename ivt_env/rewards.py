@@ -1,0 +1,181 @@
+"""Reward functions for :class:`ivt_env.env.GroundingRefineEnv`: plain callables with one contract.
+
+Contract (TRL-style: a plain function of what the env measured, no env or model access)::
+
+    reward_fn(ious, valids, *, step, max_steps) -> float
+
+- ``ious``: IoU with the GT box of every step so far, ``ious[i]`` for step ``i`` (``len(ious) == step + 1``);
+  a step without a valid box has IoU 0.
+- ``valids``: whether each step so far produced a parseable, in-range box (same length).
+- ``step``: index of the step just taken, 0..T. ``max_steps``: T (refinement steps); the episode's last step is
+  ``step == max_steps``.
+- Returns this step's reward. The episode return is the sum over steps; rewards that pay once pay at the last step.
+
+Names for :func:`get_reward`: ``ivt`` (default, IVT Eq. 3), ``dense`` (per-step IoU improvement), ``iou`` (VLM-R1
+pure IoU), ``sifthinker`` (correction-enhanced), ``shaped`` (six-component shaping). Any ``"pkg.module:attr"``
+import path also works (a class there is instantiated with no arguments).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional, Sequence, Union
+
+RewardFn = Callable[..., float]
+
+
+def _check(ious: Sequence[float], valids: Sequence[bool], step: int, max_steps: int) -> None:
+    if len(ious) != step + 1 or len(valids) != step + 1 or not 0 <= step <= max_steps:
+        raise ValueError(
+            f"reward contract: need len(ious) == len(valids) == step + 1 and 0 <= step <= max_steps, got "
+            f"{len(ious)} ious, {len(valids)} valids, step={step}, max_steps={max_steps}"
+        )
+
+
+def ivt_reward(ious: Sequence[float], valids: Sequence[bool], *, step: int, max_steps: int) -> float:
+    """IVT Eq. 3: 0 before the last step; then ``IoU(b_T, GT) + 0.1 * (valid steps / (T + 1))``."""
+    _check(ious, valids, step, max_steps)
+    if step < max_steps:
+        return 0.0
+    return float(ious[-1]) + 0.1 * sum(bool(v) for v in valids) / (max_steps + 1)
+
+
+def dense_iou_improvement(ious: Sequence[float], valids: Sequence[bool], *, step: int, max_steps: int) -> float:
+    """Per-step IoU gain ``IoU_t - IoU_{t-1}`` (``IoU_{-1} = 0``): potential-based shaping with potential IoU.
+
+    The episode return telescopes to the final IoU, the same optimum as a final-IoU reward (Ng et al. 1999).
+    """
+    _check(ious, valids, step, max_steps)
+    return float(ious[-1]) - (float(ious[-2]) if step > 0 else 0.0)
+
+
+def vlm_r1_iou(ious: Sequence[float], valids: Sequence[bool], *, step: int, max_steps: int) -> float:
+    """VLM-R1's pure IoU reward: ``IoU(b_T, GT)`` at the last step, 0 before."""
+    _check(ious, valids, step, max_steps)
+    return float(ious[-1]) if step == max_steps else 0.0
+
+
+def sifthinker_reward(ious: Sequence[float], valids: Sequence[bool], *, step: int, max_steps: int) -> float:
+    """SIFThinker's correction-enhanced box reward ``s_end + (s_end - s_init)`` with ``s`` = IoU, at the last step.
+
+    ``s_init`` is step 0's IoU; the reward is in [-1, 2] and pays for the correction, not only the end point.
+    """
+    _check(ious, valids, step, max_steps)
+    if step < max_steps:
+        return 0.0
+    s_init, s_end = float(ious[0]), float(ious[-1])
+    return s_end + (s_end - s_init)
+
+
+@dataclass(frozen=True)
+class ShapedReward:
+    """The six-component shaped reward the IVT paper tried first (Sec. 3.4) and replaced by Eq. 3.
+
+    Kept as an example of shaping; the paper found it made GRPO unstable (components cancel, group baselines move).
+    Per step ``t`` with ``d = IoU_t - IoU_{t-1}`` (refinement steps only, ``t >= 1``):
+
+    - improvement: ``+w_improve * max(d, 0)``
+    - regression penalty: ``-w_regress * max(-d, 0)`` (losing IoU costs as much as gaining it pays by default)
+    - stagnation penalty: ``-w_stagnate`` when ``|d| < stagnation_eps`` and ``IoU_t < good_iou`` (copying a box
+      that is already good is not punished); ``stagnation_eps = 0.01`` is the paper's Table 2 threshold
+    - format: ``+w_format`` for a valid box, ``-w_format`` otherwise (every step, step 0 included)
+
+    At the last step only:
+
+    - convergence: ``+w_converge * IoU_T``
+    - efficiency: ``+w_efficiency * (T + 1 - k) / (T + 1)`` where ``k`` is the first step with
+      ``IoU >= efficiency_iou`` (0 if none): reaching a good box early pays more.
+
+    Weights: improvement, regression and convergence at 1 make IoU the main currency; format, stagnation and
+    efficiency at 0.05-0.1 match the size of Eq. 3's format bonus, so they break ties without dominating.
+    """
+
+    w_improve: float = 1.0
+    w_regress: float = 1.0
+    w_stagnate: float = 0.05
+    w_format: float = 0.05
+    w_converge: float = 1.0
+    w_efficiency: float = 0.1
+    stagnation_eps: float = 0.01
+    good_iou: float = 0.9
+    efficiency_iou: float = 0.5
+
+    def components(
+        self, ious: Sequence[float], valids: Sequence[bool], *, step: int, max_steps: int
+    ) -> dict[str, float]:
+        """Each component's contribution to this step's reward (they sum to ``__call__``)."""
+        _check(ious, valids, step, max_steps)
+        c = dict(improvement=0.0, regression=0.0, stagnation=0.0, format=0.0, convergence=0.0, efficiency=0.0)
+        c["format"] = self.w_format if valids[-1] else -self.w_format
+        if step > 0:
+            d = float(ious[-1]) - float(ious[-2])
+            c["improvement"] = self.w_improve * max(d, 0.0)
+            c["regression"] = -self.w_regress * max(-d, 0.0)
+            if abs(d) < self.stagnation_eps and float(ious[-1]) < self.good_iou:
+                c["stagnation"] = -self.w_stagnate
+        if step == max_steps:
+            c["convergence"] = self.w_converge * float(ious[-1])
+            first = next((i for i, v in enumerate(ious) if float(v) >= self.efficiency_iou), None)
+            if first is not None:
+                c["efficiency"] = self.w_efficiency * (max_steps + 1 - first) / (max_steps + 1)
+        return c
+
+    def __call__(self, ious: Sequence[float], valids: Sequence[bool], *, step: int, max_steps: int) -> float:
+        return float(sum(self.components(ious, valids, step=step, max_steps=max_steps).values()))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+REWARDS: dict[str, RewardFn] = {
+    "ivt": ivt_reward,
+    "dense": dense_iou_improvement,
+    "iou": vlm_r1_iou,
+    "sifthinker": sifthinker_reward,
+    "shaped": ShapedReward(),
+}
+
+
+def register_reward(name: str, fn: RewardFn) -> None:
+    """Add a named reward (e.g. from a plug-in module) so envs can take ``reward_fn=name``."""
+    if not callable(fn):
+        raise TypeError(f"reward {name!r} must be callable, got {type(fn).__name__}")
+    REWARDS[name] = fn
+
+
+def get_reward(spec: Union[str, RewardFn, None] = None) -> RewardFn:
+    """A reward callable from ``None`` (IVT Eq. 3), a callable, a registered name or ``"pkg.module:attr"``."""
+    if spec is None:
+        return ivt_reward
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"reward_fn must be None, a callable, a name or 'pkg.module:attr', got {type(spec).__name__}")
+    if spec in REWARDS:
+        return REWARDS[spec]
+    if ":" not in spec:
+        raise ValueError(f"unknown reward {spec!r}: use one of {sorted(REWARDS)} or an import path 'pkg.module:attr'")
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot load reward {spec!r}: {exc}") from exc
+    if isinstance(obj, type):
+        obj = obj()
+    if not callable(obj):
+        raise TypeError(f"reward {spec!r} resolves to a non-callable {type(obj).__name__}")
+    return obj
+
+
+def reward_name(fn: Optional[RewardFn]) -> str:
+    """A readable name for logs: the registry name when there is one, else ``module:qualname``."""
+    for name, registered in REWARDS.items():
+        if registered is fn or (fn is not None and registered == fn):
+            return name
+    if fn is None:
+        return "ivt"
+    mod, qual = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None) or type(fn).__qualname__
+    return f"{mod}:{qual}" if mod else qual
