@@ -1,0 +1,283 @@
+"""The rollout engine: batched, KV-cached generation of IVT trajectories (all rows advance in lock-step).
+
+One :class:`RolloutEngine` batch holds B trajectories (the N of a group and several groups). Per refinement step
+the injected chunk (overlay image + instruction) is appended to the SAME KV cache and generation continues; the
+prefix is never re-encoded. The step-0 prompt of a group is encoded once and its cache is expanded along the batch.
+
+Layout inside the cache: every chunk is right-padded to the batch's widest chunk, and rows that stop early keep
+feeding masked pad tokens, so the cache has masked "holes" (attention mask 0). Holes never break attention: every
+hole position has real tokens before it (the prompt), so no query row is fully masked (no NaN), and masked keys get
+zero weight. Positions are explicit (DESIGN.md, measured): multimodal rope positions ``(3, B, L)`` computed per
+chunk with the model's own ``get_rope_index`` (shift-invariant, so a chunk's positions are its local positions
+plus the row's next position), text tokens continue at ``max position + 1``. ``pixel_values`` of the NEW images
+only are passed with each chunk. A test checks that tokens (greedy) and log-probs equal a plain full re-encode.
+
+Log-probs are those of the model's own distribution (``log_softmax(logits)``, temperature 1) of each generated
+token, i.e. exactly what :meth:`VLMPolicy.token_logprobs` recomputes by teacher forcing; the sampling temperature
+only changes which token is drawn. Both places use the same :class:`LogitFilter` (ids the tokenizer does not know
+left out, multimodal placeholder tokens banned).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from agents.policies.kv_cache import growing_cache, sample_inverse_cdf
+
+from agents.policies.vlm_prompt import BoxStopper, Chunk, PromptLayout, mm_token_types
+
+
+BANNED_LOGIT = -1e9  # finite, so exp() is exactly 0 and p * log p stays 0 (no NaN in entropies or gradients)
+
+
+class LogitFilter:
+    """The next-token distribution the policy samples from, shared by generation and teacher forcing:
+    float32 logits of the ids the tokenizer knows (``(..., V) -> (..., n_valid)``: Qwen pads its embedding matrix
+    beyond the tokenizer, such ids can never be drawn) with the multimodal placeholders (image / video pad, vision
+    start / end) banned: a generated placeholder would break the image-token layout of the sequence."""
+
+    def __init__(self, n_valid: int, banned_ids: Sequence[int] = ()) -> None:
+        self.n_valid = int(n_valid)
+        self.banned = sorted({int(i) for i in banned_ids if 0 <= int(i) < self.n_valid})
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        out = logits[..., : self.n_valid].float()
+        if self.banned:
+            out = out.index_fill(-1, torch.tensor(self.banned, device=out.device), BANNED_LOGIT)
+        return out
+
+
+@dataclass
+class StepResult:
+    """One row's step: injected ids, generated ids with their log-probs, why it stopped."""
+
+    injected_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    stop: str  # "box" | "eos" | "length"
+    chunk: Chunk = field(repr=False)
+
+
+@dataclass
+class _Row:
+    next_pos: int = 0  # next rope position (text tokens continue here)
+    pending: list[int] = field(default_factory=list)  # generated ids not yet in the cache
+    steps: list[StepResult] = field(default_factory=list)
+
+
+class RolloutEngine:
+    """Cached batched generation for Qwen-VL models (``model``: a ``*ForConditionalGeneration``, possibly with
+    LoRA layers injected by peft; it needs ``.model`` (returning hidden states), ``.lm_head`` and
+    ``.model.get_rope_index``)."""
+
+    def __init__(self, model: Any, layout: PromptLayout, logit_filter: LogitFilter) -> None:
+        self.model = model
+        self.layout = layout
+        self.filter = logit_filter
+        self.tokenizer = layout.tokenizer
+        self._piece_cache: dict[int, str] = {}
+        self.rows: list[_Row] = []
+        self.cache: Optional[DynamicCache] = None
+        self.attn: Optional[torch.Tensor] = None  # (B, L) long, 1 on real tokens
+        self.next_logits: Optional[torch.Tensor] = None  # (B, V) logits of the next token
+        self.generator: Optional[torch.Generator] = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    @property
+    def step(self) -> int:
+        return len(self.rows[0].steps) if self.rows else 0
+
+    def reset(self) -> None:
+        self.rows, self.cache, self.attn, self.next_logits = [], None, None, None
+
+    def seed(self, seed: Optional[int]) -> None:
+        self.generator = None if seed is None else torch.Generator(device=self.device).manual_seed(int(seed))
+
+    # ------------------------------------------------------------------ public steps
+    @torch.no_grad()
+    def start(self, images: Sequence[np.ndarray], expressions: Sequence[str], temperature: float, max_new_tokens: int,
+              stop_at_box: bool = True, stop_at_eos: bool = True) -> list[StepResult]:  # fmt: skip
+        """Begin a new batch: step 0 for each (image, expression). Identical prompts are encoded once.
+
+        ``temperature`` <= 0 is greedy. A row stops after ``max_new_tokens``, at an end-of-turn id (unless
+        ``stop_at_eos`` is False: benchmarks) or, with ``stop_at_box``, right after a box closes."""
+        self.reset()
+        if len(images) != len(expressions) or not images:
+            raise ValueError(f"RolloutEngine.start: {len(images)} images and {len(expressions)} expressions")
+        keys = [_prompt_key(im, ex) for im, ex in zip(images, expressions)]
+        slot: dict[str, int] = {}  # prompt key -> index among the unique prompts
+        firsts: list[int] = []  # first row of each unique prompt
+        for i, k in enumerate(keys):
+            if k not in slot:
+                slot[k] = len(firsts)
+                firsts.append(i)
+        chunks = [self.layout.first_chunk(images[i], expressions[i]) for i in firsts]
+        self.rows = [_Row() for _ in firsts]
+        self._append_chunks(chunks)
+        # Expand the shared prompts along the batch: row i reads unique prompt index[i].
+        index = torch.tensor([slot[k] for k in keys], device=self.device)
+        if len(firsts) != len(keys):
+            self.cache.batch_select_indices(index)
+            self.attn = self.attn[index]
+            self.next_logits = self.next_logits[index]
+            src = self.rows
+            self.rows = [_Row(next_pos=src[j].next_pos) for j in index.tolist()]
+        chunk_of = [chunks[j] for j in index.tolist()]
+        return self._generate(chunk_of, temperature, max_new_tokens, stop_at_box, stop_at_eos)
+
+    @torch.no_grad()
+    def refine(self, images: Sequence[np.ndarray], temperature: float, max_new_tokens: int,
+               stop_at_box: bool = True, stop_at_eos: bool = True) -> list[StepResult]:  # fmt: skip
+        """Step t >= 1: append each row's overlay image + instruction to its cache and continue generating."""
+        if not self.rows:
+            raise RuntimeError("RolloutEngine.refine: no batch in progress (call start first)")
+        if len(images) != len(self.rows):
+            raise ValueError(f"RolloutEngine.refine: {len(images)} images for a batch of {len(self.rows)} rows")
+        chunks = [self.layout.refine_chunk(im) for im in images]
+        self._append_chunks(chunks)
+        return self._generate(chunks, temperature, max_new_tokens, stop_at_box, stop_at_eos)
+
+    # ------------------------------------------------------------------ internals
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, pixel_values: Optional[torch.Tensor],
+                 grids: Optional[torch.Tensor], last_cols: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """Append ``ids`` (B, W) to the cache; return logits (B, V) at column ``last_cols[b]`` of each row."""
+        out = self.model.model(
+            input_ids=ids,
+            attention_mask=self.attn,
+            position_ids=pos,
+            past_key_values=self.cache,
+            pixel_values=pixel_values,
+            image_grid_thw=grids,
+            use_cache=True,
+        )
+        hidden = out.last_hidden_state  # (B, W, H)
+        h = hidden[torch.arange(ids.shape[0], device=ids.device), last_cols]  # (B, H)
+        return self.model.lm_head(h)
+
+    def _append_chunks(self, chunks: Sequence[Chunk]) -> None:
+        """Feed each row's pending generated ids + its chunk, right-padded to one width."""
+        dev, B = self.device, len(chunks)
+        seqs = [r.pending + c.ids for r, c in zip(self.rows, chunks)]
+        W = max(len(s) for s in seqs)
+        ids = torch.full((B, W), self.layout.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, W), dtype=torch.long)
+        pos = torch.zeros((3, B, W), dtype=torch.long)
+        for b, (row, chunk, seq) in enumerate(zip(self.rows, chunks, seqs)):
+            n = len(seq)
+            ids[b, :n] = torch.tensor(seq)
+            mask[b, :n] = 1
+            local = self._local_positions(seq, chunk.image_grid_thw)  # (3, n), starting at 0
+            pos[:, b, :n] = local + row.next_pos
+            pos[:, b, n:] = row.next_pos  # pads: masked, any value
+            row.next_pos += int(local.max()) + 1
+            row.pending = []
+        grids = [c.image_grid_thw for c in chunks if c.image_grid_thw is not None]
+        pixels = [c.pixel_values for c in chunks if c.pixel_values is not None]
+        if self.cache is None:
+            self.cache = growing_cache(self.model.config)
+            self.attn = mask.to(dev)
+        else:
+            self.attn = torch.cat([self.attn, mask.to(dev)], dim=1)
+        last = torch.tensor([len(s) - 1 for s in seqs], device=dev)
+        self.next_logits = self._forward(
+            ids.to(dev),
+            pos.to(dev),
+            torch.cat(pixels).to(dev) if pixels else None,
+            torch.cat(grids).to(dev) if grids else None,
+            last,
+        )
+
+    def _local_positions(self, seq: list[int], grid: Optional[torch.Tensor]) -> torch.Tensor:
+        """Rope positions (3, n) of ``seq`` as if it started the sequence (the model's own ``get_rope_index``)."""
+        ids = torch.tensor([seq], dtype=torch.long)
+        mm = mm_token_types(ids, self.layout.image_token_id)
+        if grid is None or not bool(mm.any()):
+            return torch.arange(len(seq)).view(1, -1).expand(3, -1)
+        pos, _ = self.model.model.get_rope_index(input_ids=ids, mm_token_type_ids=mm, image_grid_thw=grid.cpu())
+        return pos[:, 0, :].cpu()
+
+    def _piece(self, tok: int) -> str:
+        s = self._piece_cache.get(tok)
+        if s is None:
+            s = self._piece_cache[tok] = self.tokenizer.decode([tok], skip_special_tokens=False)
+        return s
+
+    def _generate(self, chunks: Sequence[Chunk], temperature: float, max_new_tokens: int,
+                  stop_at_box: bool, stop_at_eos: bool) -> list[StepResult]:  # fmt: skip
+        dev, B = self.device, len(self.rows)
+        stop_ids = torch.tensor(self.layout.stop_ids if stop_at_eos else [-1], device=dev)
+        stopper = BoxStopper(B, self.layout.prompts.stop_box_requires_think)
+        gen: list[list[int]] = [[] for _ in range(B)]
+        lps: list[list[float]] = [[] for _ in range(B)]
+        why = ["length"] * B
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        logits = self.next_logits
+        for k in range(max_new_tokens):
+            logits = self.filter(logits)  # (B, V)
+            logp = torch.log_softmax(logits, dim=-1)
+            if temperature <= 0:
+                tok = logits.argmax(dim=-1)
+            else:
+                probs = torch.softmax(logits / temperature, dim=-1)
+                tok = sample_inverse_cdf(probs, self.generator)
+            lp = logp.gather(1, tok[:, None]).squeeze(1)
+            active = ~done
+            is_eos = torch.isin(tok, stop_ids) & active
+            tok_l, lp_l, act_l, eos_l = tok.tolist(), lp.tolist(), active.tolist(), is_eos.tolist()
+            for b in range(B):
+                if not act_l[b]:
+                    continue
+                gen[b].append(tok_l[b])
+                lps[b].append(lp_l[b])
+                if eos_l[b]:
+                    why[b] = "eos"
+                    done[b] = True
+                elif stop_at_box and stopper.feed(b, self._piece(tok_l[b])):
+                    why[b] = "box"
+                    done[b] = True
+            for b in range(B):  # the token just drawn is not in the cache yet
+                if act_l[b]:
+                    self.rows[b].pending.append(tok_l[b])
+            if bool(done.all()) or k == max_new_tokens - 1:
+                break
+            logits = self._decode_pending()
+        self.next_logits = None
+        results = []
+        for b, row in enumerate(self.rows):
+            res = StepResult(list(chunks[b].ids), gen[b], lps[b], why[b], chunks[b])
+            row.steps.append(res)
+            results.append(res)
+        return results
+
+    def _decode_pending(self) -> torch.Tensor:
+        """One decode forward: each row feeds its single pending token (mask 1) or a pad (mask 0)."""
+        dev, B = self.device, len(self.rows)
+        ids = torch.full((B, 1), self.layout.pad_id, dtype=torch.long)
+        mask = torch.zeros((B, 1), dtype=torch.long)
+        pos = torch.zeros((3, B, 1), dtype=torch.long)
+        for b, row in enumerate(self.rows):
+            pos[:, b, 0] = row.next_pos
+            if row.pending:
+                assert len(row.pending) == 1, "decode feeds one pending token per row"
+                ids[b, 0] = row.pending.pop()
+                mask[b, 0] = 1
+                row.next_pos += 1
+        self.attn = torch.cat([self.attn, mask.to(dev)], dim=1)
+        return self._forward(ids.to(dev), pos.to(dev), None, None, torch.zeros(B, dtype=torch.long, device=dev))
+
+
+def _prompt_key(image: np.ndarray, expression: str) -> str:
+    """Identity of a step-0 prompt: the expression and the image bytes (rows of one group share it)."""
+    a = np.ascontiguousarray(np.asarray(image))
+    h = hashlib.blake2b(a.tobytes(), digest_size=16)
+    h.update(repr((a.shape, str(a.dtype), expression)).encode())
+    return h.hexdigest()

@@ -1,0 +1,216 @@
+"""Training sequences of trajectories, and teacher-forced log-probs / entropies / BC loss over them.
+
+:func:`encode_trajectory` builds the FULL token sequence of one trajectory in exactly the inference layout
+(:mod:`agents.policies.vlm_prompt`): per step the injected chunk then the generated ids. Token-in / token-out: the
+stored ``injected_ids`` / ``token_ids`` are used as they are; a teacher trajectory that carries only texts gets its
+injected chunks from the same :class:`PromptLayout` code the engine uses, and each step's text tokenised as its
+generated part. ``labels`` are the generated ids and -100 on every injected token (IVT Sec. 3.2).
+
+Images (one per step): ``Step.observation`` (the collector keeps them with ``keep_observations=True``), else
+``Step.image_path`` (PNG written by ``rollouts.synthesize``), else rendered: the original image (``meta["image"]``
+array, ``meta["image_path"]`` file, step 0's observation / image_path, or an ``image_resolver(traj)`` callable,
+e.g. :func:`dataset_image_resolver`) with the previous step's box drawn by ``ivt_env.rendering.draw_box``
+(nothing drawn when that box was invalid), as the env does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from agents.policies.engine import LogitFilter
+from agents.policies.vlm_prompt import PromptLayout, mm_token_types
+
+IGNORE = -100
+ImageResolver = Callable[[Any], np.ndarray]
+
+
+@dataclass
+class EncodedTrajectory:
+    """One trajectory as a training sequence (inference layout)."""
+
+    input_ids: torch.Tensor  # (L,) long
+    labels: torch.Tensor  # (L,) long: generated ids, -100 on injected tokens
+    mm_token_type_ids: torch.Tensor  # (L,) int32: 1 on image placeholders
+    pixel_values: torch.Tensor  # (P, D): all images of the trajectory, step order
+    image_grid_thw: torch.Tensor  # (n_steps, 3)
+    step_index: torch.Tensor  # (L,) long: the step each token belongs to
+
+    @property
+    def n_generated(self) -> int:
+        return int((self.labels != IGNORE).sum())
+
+
+def _load_png(path: str, what: str) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except OSError as exc:
+        raise FileNotFoundError(f"{what}: cannot read image {path!r}: {exc}") from exc
+
+
+def _original_image(traj: Any, resolver: Optional[ImageResolver]) -> np.ndarray:
+    meta = traj.meta or {}
+    first = traj.steps[0] if traj.steps else None
+    if isinstance(meta.get("image"), np.ndarray):
+        return meta["image"]
+    if meta.get("image_path"):
+        return _load_png(meta["image_path"], f"trajectory {traj.sample_id} meta['image_path']")
+    if first is not None and first.observation is not None:
+        return first.observation
+    if first is not None and first.image_path:
+        return _load_png(first.image_path, f"trajectory {traj.sample_id} step 0 image_path")
+    if resolver is not None:
+        return np.asarray(resolver(traj), dtype=np.uint8)
+    raise ValueError(
+        f"trajectory {traj.sample_id!r} ({traj.dataset}): no image to encode it with. Keep observations "
+        "(collect_groups(..., keep_observations=True)), set Step.image_path or meta['image_path'], or give the "
+        "policy an image_resolver (e.g. agents.policies.logprobs.dataset_image_resolver())"
+    )
+
+
+def trajectory_images(traj: Any, resolver: Optional[ImageResolver] = None) -> list[np.ndarray]:
+    """The image each step saw: step 0 the original, step t the original with box t-1 drawn (if it was valid)."""
+    from ivt_env.boxes import to_pixels
+    from ivt_env.rendering import draw_box
+
+    images: list[np.ndarray] = []
+    original = None
+    for t, st in enumerate(traj.steps):
+        if st.observation is not None:
+            images.append(np.asarray(st.observation))
+            continue
+        if st.image_path:
+            images.append(_load_png(st.image_path, f"trajectory {traj.sample_id} step {t} image_path"))
+            continue
+        if original is None:
+            original = _original_image(traj, resolver)
+        if t == 0:
+            images.append(original)
+            continue
+        prev = traj.steps[t - 1]
+        box = prev.box
+        if box is None and prev.box_norm is not None:
+            box = to_pixels(prev.box_norm, original.shape[1], original.shape[0])
+        images.append(draw_box(original, box if prev.valid else None))
+    return images
+
+
+def dataset_image_resolver(data_root: Optional[str] = None, default_split: str = "train") -> ImageResolver:
+    """An ``image_resolver`` that loads a trajectory's original image from its dataset (``traj.dataset``, split
+    ``traj.meta['split']`` or ``default_split``, sample ``traj.meta['index']`` or looked up by ``sample_id``)."""
+    from ivt_env.datasets import load_dataset
+
+    cache: dict[tuple[str, str], Any] = {}
+    ids: dict[tuple[str, str], dict[str, int]] = {}
+
+    def resolve(traj: Any) -> np.ndarray:
+        key = (traj.dataset, (traj.meta or {}).get("split", default_split))
+        if key not in cache:
+            cache[key] = load_dataset(key[0], key[1], data_root=data_root)
+        ds = cache[key]
+        idx = (traj.meta or {}).get("index")
+        if idx is None or ds[int(idx)].sample_id != traj.sample_id:
+            if key not in ids:
+                ids[key] = {s: i for i, s in enumerate(ds.sample_ids())}
+            if traj.sample_id not in ids[key]:
+                raise KeyError(f"sample {traj.sample_id!r} not in dataset {key[0]!r} split {key[1]!r}")
+            idx = ids[key][traj.sample_id]
+        return np.asarray(ds[int(idx)].load_image(), dtype=np.uint8)
+
+    return resolve
+
+
+def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageResolver] = None) -> EncodedTrajectory:
+    """The full training sequence of ``traj`` (see the module docstring)."""
+    if not traj.steps:
+        raise ValueError(f"trajectory {traj.sample_id!r}: no steps")
+    images = trajectory_images(traj, resolver)
+    ids: list[int] = []
+    labels: list[int] = []
+    steps: list[int] = []
+    pixels, grids = [], []
+    for t, (st, image) in enumerate(zip(traj.steps, images)):
+        chunk = layout.first_chunk(image, traj.expression) if t == 0 else layout.refine_chunk(image)
+        injected = chunk.ids
+        if st.injected_ids is not None:
+            injected = list(st.injected_ids)
+            n_img = sum(1 for i in injected if i == layout.image_token_id)
+            if n_img != sum(1 for i in chunk.ids if i == layout.image_token_id):
+                raise ValueError(
+                    f"trajectory {traj.sample_id!r} step {t}: injected_ids hold {n_img} image tokens but its image "
+                    f"({image.shape[1]}x{image.shape[0]}) gives {chunk.ids.count(layout.image_token_id)}; "
+                    "wrong observation image or a different processor"
+                )
+        gen = list(st.token_ids) if st.token_ids is not None else layout.text_ids(st.text)
+        bad = set(gen) & set(layout.placeholder_ids)
+        if bad:
+            raise ValueError(f"trajectory {traj.sample_id!r} step {t}: the generated part holds multimodal placeholder "
+                             f"tokens {sorted(bad)} (text {st.text[:80]!r}); they may only be injected")
+        ids += injected + gen
+        labels += [IGNORE] * len(injected) + gen
+        steps += [t] * (len(injected) + len(gen))
+        pixels.append(chunk.pixel_values)
+        grids.append(chunk.image_grid_thw)
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    return EncodedTrajectory(
+        input_ids=input_ids,
+        labels=torch.tensor(labels, dtype=torch.long),
+        mm_token_type_ids=mm_token_types(input_ids, layout.image_token_id),
+        pixel_values=torch.cat(pixels),
+        image_grid_thw=torch.cat(grids),
+        step_index=torch.tensor(steps, dtype=torch.long),
+    )
+
+
+def teacher_forced(model: Any, encoded: Sequence[EncodedTrajectory], pad_id: int, logit_filter: LogitFilter,
+                   entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Log-probs, entropies and mask of the generated tokens of a batch, right-padded: each ``(B, G)``.
+
+    One forward of the right-padded batch through ``model.model`` (positions computed by the model itself from
+    ``mm_token_type_ids``, ``image_grid_thw`` and the attention mask: an independent route from the engine's),
+    then ``lm_head`` only at the positions that predict a generated token.
+    """
+    dev = model.lm_head.weight.device
+    B = len(encoded)
+    L = max(e.input_ids.shape[0] for e in encoded)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    labels = torch.full((B, L), IGNORE, dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    mm = torch.zeros((B, L), dtype=torch.int32)
+    for b, e in enumerate(encoded):
+        n = e.input_ids.shape[0]
+        ids[b, :n], labels[b, :n], attn[b, :n], mm[b, :n] = e.input_ids, e.labels, 1, e.mm_token_type_ids
+    if bool((labels[:, 0] != IGNORE).any()):
+        raise ValueError("a trajectory starts with a generated token: nothing to condition it on")
+    out = model.model(
+        input_ids=ids.to(dev),
+        attention_mask=attn.to(dev),
+        pixel_values=torch.cat([e.pixel_values for e in encoded]).to(dev),
+        image_grid_thw=torch.cat([e.image_grid_thw for e in encoded]).to(dev),
+        mm_token_type_ids=mm.to(dev),
+        use_cache=False,
+    )
+    hidden = out.last_hidden_state  # (B, L, H)
+    sel = labels != IGNORE  # (B, L)
+    b_idx, j_idx = sel.nonzero(as_tuple=True)
+    col = (sel.long().cumsum(1) - 1)[b_idx, j_idx]  # k-th generated token of its row
+    G = int(sel.sum(1).max()) if B else 0
+    b_dev, j_dev, col_dev = b_idx.to(dev), j_idx.to(dev), col.to(dev)
+    logits = logit_filter(model.lm_head(hidden[b_dev, j_dev - 1]))  # (N, V): position j-1 predicts j
+    logp_all = torch.log_softmax(logits, dim=-1)
+    target = labels[b_idx, j_idx].to(dev)
+    lp = logp_all.gather(1, target[:, None]).squeeze(1)  # (N,)
+    logprobs = torch.zeros((B, G), dtype=lp.dtype, device=dev).index_put((b_dev, col_dev), lp)
+    ent = torch.zeros((B, G), dtype=lp.dtype, device=dev)
+    if entropy:
+        h = -(logp_all.exp() * logp_all).sum(-1)  # (N,)
+        ent = ent.index_put((b_dev, col_dev), h)
+    mask = torch.zeros((B, G), dtype=torch.bool, device=dev)
+    mask[b_dev, col_dev] = True
+    return logprobs, ent, mask

@@ -1,0 +1,218 @@
+"""Prompt and sequence layout of the VLM policy: the ONE place that turns images and texts into injected token ids.
+
+Inference (the rollout engine) and training (``encode_trajectory``) both build their injected chunks here, so a
+teacher trajectory is encoded exactly as the policy would have seen it at inference (IVT Sec. 3.2: "the corrective
+instructions, identical to those injected at inference, are masked from loss").
+
+Layout of one trajectory (IVT Sec. 3.1, prefix continuation inside ONE assistant turn)::
+
+    [chat prefix: <|im_start|>user\\n<|vision_start|><|image_pad|>*n<|vision_end|>{question}<|im_end|>\\n
+     <|im_start|>assistant\\n]                                            <- steps[0].injected_ids
+    <think>...</think> [x1, y1, x2, y2]                                  <- steps[0].token_ids (generated)
+    [\\n<|vision_start|><|image_pad|>*n<|vision_end|>{instruction}\\n]    <- steps[1].injected_ids
+    <think>...</think> [x1, y1, x2, y2]                                  <- steps[1].token_ids
+    ...
+
+Texts live in ``configs/prompts.yaml`` (:class:`PromptConfig`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from agents.config import load_yaml
+
+DEFAULT_PROMPTS = "prompts.yaml"  # resolved in configs/ by agents.config.resolve_config_path
+
+# Architectures whose text boxes are absolute pixels of the processor-resized input (DESIGN.md, upstream formats).
+ABS_PIXEL_ARCHS = ("qwen2_vl", "qwen2_5_vl")
+
+
+@dataclass
+class PromptConfig:
+    """Prompt texts and answer conventions of the VLM policy (see ``configs/prompts.yaml``)."""
+
+    system: Optional[str] = None
+    """Optional system message (None: no system message)."""
+    question: str = (
+        "Locate {expression} in the image. Think briefly inside <think></think>, then answer with its box as "
+        "[x1, y1, x2, y2] {box_hint}."
+    )
+    """Step-0 question; {expression} and {box_hint} are filled in."""
+    box_hint_norm: str = "with integers from 0 to 1000"
+    """{box_hint} for models answering in [0, 1000] (Qwen3-VL)."""
+    box_hint_abs: str = "in pixels"
+    """{box_hint} for models answering in absolute pixels (Qwen2.5-VL)."""
+    refine_instruction: str = (
+        "The red box shows your last answer. Examine it, say what is wrong, then answer with a corrected box."
+    )
+    """Corrective instruction injected after each overlay image (IVT Sec. 3.1)."""
+    refine_template: str = "\n{image}{instruction}\n"
+    """Layout of one refinement injection; must contain {image} and {instruction}."""
+    box_format: str = "auto"
+    """auto | norm1000 | abs_pixels: the coordinate convention of the model's own text."""
+    stop_box_requires_think: bool = True
+    """Stop at a box's closing ']' only after '</think>' has been written."""
+
+    def __post_init__(self) -> None:
+        for key in ("{image}", "{instruction}"):
+            if key not in self.refine_template:
+                raise ValueError(f"prompts: refine_template must contain {key}, got {self.refine_template!r}")
+        if "{expression}" not in self.question:
+            raise ValueError(f"prompts: question must contain {{expression}}, got {self.question!r}")
+        if self.box_format not in ("auto", "norm1000", "abs_pixels"):
+            raise ValueError(f"prompts: box_format must be auto, norm1000 or abs_pixels, got {self.box_format!r}")
+
+    def texts(self) -> list[str]:
+        """All fixed texts (for the tiny tokenizer's training corpus)."""
+        out = [self.question, self.box_hint_norm, self.box_hint_abs, self.refine_instruction]
+        return out + ([self.system] if self.system else [])
+
+
+def load_prompts(prompts: "PromptConfig | str | None" = None) -> PromptConfig:
+    """A :class:`PromptConfig` from an instance, a YAML path (or a name in ``configs/``), or the default file."""
+    if isinstance(prompts, PromptConfig):
+        return prompts
+    if isinstance(prompts, dict):
+        from agents.config import from_dict
+
+        return from_dict(PromptConfig, prompts, where="prompts")
+    return load_yaml(PromptConfig, prompts or DEFAULT_PROMPTS)
+
+
+@dataclass
+class Chunk:
+    """Injected tokens of one step, with the image they hold (exactly one image per chunk in IVT)."""
+
+    ids: list[int]
+    pixel_values: Optional[torch.Tensor]  # (n_patches, C * temporal_patch * patch * patch)
+    image_grid_thw: Optional[torch.Tensor]  # (1, 3) LongTensor: (t, h, w) in patches
+    resized_hw: Optional[tuple[int, int]] = None  # (H', W') the processor resized the image to
+
+
+# A bracketed list of four numbers (same admitted syntax as ivt_env.boxes).
+_NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
+LIST4 = re.compile(r"\[\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*,\s*(" + _NUM + r")\s*\]")
+
+
+def abs_box_text_to_norm(text: str, resized_w: int, resized_h: int) -> str:
+    """Rewrite every ``[x1, y1, x2, y2]`` of absolute pixels of the resized input (Qwen2.5-VL) into the env's
+    [0, 1000] integers: ``floor(x * 1000 / W')`` (IVT Sec. 3.1). No clipping, so an out-of-image box stays
+    out of range and the env reports it."""
+
+    def conv(m: re.Match) -> str:
+        vals = [float(g) for g in m.groups()]
+        scale = (resized_w, resized_h, resized_w, resized_h)
+        return "[" + ", ".join(str(math.floor(v * 1000.0 / s)) for v, s in zip(vals, scale)) + "]"
+
+    return LIST4.sub(conv, text)
+
+
+class BoxStopper:
+    """Per-row incremental stop test: a complete ``[a, b, c, d]`` written (after ``</think>`` if required)."""
+
+    def __init__(self, n: int, requires_think: bool) -> None:
+        self.buf = [""] * n
+        self.requires_think = requires_think
+
+    def feed(self, row: int, piece: str) -> bool:
+        """Append the decoded text of one token; True when the step is complete (a box just closed)."""
+        self.buf[row] += piece
+        if "]" not in piece:
+            return False
+        text = self.buf[row]
+        if self.requires_think:
+            k = text.rfind("</think>")
+            if k < 0:
+                return False
+            text = text[k:]
+        return LIST4.search(text) is not None
+
+
+class PromptLayout:
+    """Builds injected chunks (ids + image tensors) with the model's tokenizer, chat template and image processor.
+
+    ``processor`` is an image-only Qwen-VL processor (:func:`agents.policies.vlm_processor.load_processor`):
+    calling it with a text holding one ``<|image_pad|>`` and one image expands the pad to the image's token count.
+    """
+
+    def __init__(self, processor: Any, prompts: PromptConfig, arch: str) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.prompts = prompts
+        self.arch = arch
+        fmt = prompts.box_format
+        self.abs_boxes = (arch in ABS_PIXEL_ARCHS) if fmt == "auto" else (fmt == "abs_pixels")
+        tok = self.tokenizer
+        self.image_token = processor.image_token
+        self.image_token_id = int(processor.image_token_id)
+        self.vision_start = getattr(processor, "vision_start_token", "<|vision_start|>")
+        self.vision_end = getattr(processor, "vision_end_token", "<|vision_end|>")
+        self.patch_size = int(processor.image_processor.patch_size)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        stops = {tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>") if t in tok.get_vocab()}
+        if tok.eos_token_id is not None:
+            stops.add(int(tok.eos_token_id))
+        self.stop_ids = sorted(int(s) for s in stops)
+        vocab = tok.get_vocab()
+        names = [self.image_token, self.vision_start, self.vision_end, "<|video_pad|>", "<|vision_pad|>"]
+        self.placeholder_ids = sorted({int(vocab[n]) for n in names if n in vocab})
+
+    # ------------------------------------------------------------------ texts
+    def question_text(self, expression: str) -> str:
+        p = self.prompts
+        return p.question.format(expression=expression, box_hint=p.box_hint_abs if self.abs_boxes else p.box_hint_norm)
+
+    def first_text(self, expression: str) -> str:
+        """Step-0 prompt through the opening of the assistant turn (the model's own chat template)."""
+        content = [{"type": "image"}, {"type": "text", "text": self.question_text(expression)}]
+        messages = ([{"role": "system", "content": self.prompts.system}] if self.prompts.system else []) + [
+            {"role": "user", "content": content}
+        ]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def refine_text(self) -> str:
+        image = self.vision_start + self.image_token + self.vision_end
+        return self.prompts.refine_template.format(image=image, instruction=self.prompts.refine_instruction)
+
+    # ------------------------------------------------------------------ chunks
+    def encode(self, text: str, image: np.ndarray) -> Chunk:
+        """Tokenise ``text`` (holding exactly one image placeholder) with ``image`` (H, W, 3) uint8."""
+        if text.count(self.image_token) != 1:
+            raise ValueError(f"prompt text must hold exactly one {self.image_token}: {text!r}")
+        image = np.ascontiguousarray(np.asarray(image))
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"image must be (H, W, 3) uint8, got shape {image.shape} dtype {image.dtype}")
+        out = self.processor(text=[text], images=[image], return_tensors="pt")
+        grid = out["image_grid_thw"].long()
+        hw = (int(grid[0, 1]) * self.patch_size, int(grid[0, 2]) * self.patch_size)
+        return Chunk(out["input_ids"][0].tolist(), out["pixel_values"], grid, hw)
+
+    def first_chunk(self, image: np.ndarray, expression: str) -> Chunk:
+        return self.encode(self.first_text(expression), image)
+
+    def refine_chunk(self, image: np.ndarray) -> Chunk:
+        return self.encode(self.refine_text(), image)
+
+    def text_ids(self, text: str) -> list[int]:
+        """A generated step's text as ids (teacher trajectories without ids)."""
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def to_env_text(self, text: str, chunk0: Chunk) -> str:
+        """The env action for a generated text: boxes converted to [0, 1000] for absolute-pixel models."""
+        if not self.abs_boxes:
+            return text
+        h, w = chunk0.resized_hw
+        return abs_box_text_to_norm(text, w, h)
+
+
+def mm_token_types(ids: Sequence[int] | torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """``mm_token_type_ids``: 1 on image placeholder tokens, 0 elsewhere (same shape as ``ids``)."""
+    t = ids if isinstance(ids, torch.Tensor) else torch.tensor(list(ids), dtype=torch.long)
+    return (t == image_token_id).to(torch.int32)

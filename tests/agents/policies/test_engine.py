@@ -1,0 +1,176 @@
+"""The rollout engine: the cached, batched path equals a plain full re-encode of each trajectory alone."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from agents.policies.engine import LogitFilter, RolloutEngine
+from agents.policies.kv_cache import sample_inverse_cdf
+from agents.policies.vlm_processor import load_processor
+from agents.policies.vlm_prompt import PromptLayout, load_prompts, mm_token_types
+
+from .conftest import rand_image
+
+
+def make_engine(path):
+    model = AutoModelForImageTextToText.from_pretrained(str(path)).eval()
+    proc = load_processor(path)
+    layout = PromptLayout(proc, load_prompts(None), model.config.model_type)
+    return RolloutEngine(model, layout, LogitFilter(len(proc.tokenizer), layout.placeholder_ids))
+
+
+def full_reencode(engine, steps):
+    """One trajectory alone, no cache, positions computed by the model itself: per generated token its log-prob
+    and the argmax of the next-token distribution (same LogitFilter)."""
+    ids, gen_pos, pixels, grids = [], [], [], []
+    for r in steps:
+        ids += r.injected_ids
+        gen_pos += list(range(len(ids), len(ids) + len(r.token_ids)))
+        ids += r.token_ids
+        pixels.append(r.chunk.pixel_values)
+        grids.append(r.chunk.image_grid_thw)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        logits = engine.model(
+            input_ids=x, attention_mask=torch.ones_like(x), pixel_values=torch.cat(pixels),
+            image_grid_thw=torch.cat(grids), mm_token_type_ids=mm_token_types(x, engine.layout.image_token_id),
+            use_cache=False,
+        ).logits[0]  # fmt: skip
+    logp = torch.log_softmax(engine.filter(logits), -1)
+    lp = torch.stack([logp[j - 1, ids[j]] for j in gen_pos])
+    argmax = [int(logp[j - 1].argmax()) for j in gen_pos]
+    return lp, argmax
+
+
+def batch_inputs():
+    """Two groups of 3 and 2 sharing a prompt, plus a single row with another image size (ragged lengths)."""
+    im = [rand_image(0), rand_image(1), rand_image(2, 96, 160)]
+    ex = ["the blue circle", "the large green square left of the white triangle", "the shape"]
+    sel = [0, 0, 0, 1, 1, 2]
+    return [im[i] for i in sel], [ex[i] for i in sel]
+
+
+def test_cached_batched_equals_full_reencode(tiny_any):
+    eng = make_engine(tiny_any)
+    eng.seed(0)
+    images, exprs = batch_inputs()
+    r0 = eng.start(images, exprs, temperature=1.0, max_new_tokens=14)
+    r1 = eng.refine([rand_image(10 + i, *im.shape[:2]) for i, im in enumerate(images)], 0.7, 9)
+    r2 = eng.refine([rand_image(20 + i, *im.shape[:2]) for i, im in enumerate(images)], 0.0, 8)  # greedy
+    assert len({tuple(r.token_ids) for r in r0}) > 1  # sampling differs across the rows of a group
+    for b in range(len(images)):
+        lp, argmax = full_reencode(eng, [r0[b], r1[b], r2[b]])
+        mine = torch.tensor(r0[b].logprobs + r1[b].logprobs + r2[b].logprobs)
+        assert torch.allclose(mine, lp, atol=1e-4), (b, (mine - lp).abs().max())
+        n2 = len(r2[b].token_ids)
+        assert r2[b].token_ids == argmax[-n2:]  # greedy tokens == greedy of the full re-encode
+        assert r0[b].injected_ids == eng.layout.first_chunk(images[b], exprs[b]).ids
+
+
+def test_greedy_equals_hf_generate(tiny_q3):
+    """An independent implementation: transformers' own generate, re-encoding the whole prefix at step 1."""
+    eng = make_engine(tiny_q3)
+    images, exprs = batch_inputs()
+    r0 = eng.start(images[:4], exprs[:4], 0.0, 12, stop_at_eos=False)
+    overlays = [rand_image(30 + i) for i in range(4)]
+    r1 = eng.refine(overlays, 0.0, 10, stop_at_eos=False)
+    lay = eng.layout
+    for b in (0, 3):
+        ids = r0[b].injected_ids + r0[b].token_ids + r1[b].injected_ids
+        x = torch.tensor([ids])
+        out = eng.model.generate(
+            input_ids=x, attention_mask=torch.ones_like(x),
+            pixel_values=torch.cat([r0[b].chunk.pixel_values, r1[b].chunk.pixel_values]),
+            image_grid_thw=torch.cat([r0[b].chunk.image_grid_thw, r1[b].chunk.image_grid_thw]),
+            mm_token_type_ids=mm_token_types(x, lay.image_token_id), do_sample=False, max_new_tokens=10,
+            min_new_tokens=10, suppress_tokens=lay.placeholder_ids, pad_token_id=lay.pad_id,
+        )  # fmt: skip
+        assert out[0, x.shape[1]:].tolist() == r1[b].token_ids
+
+
+def test_shared_prompt_is_encoded_once(tiny_q3):
+    eng = make_engine(tiny_q3)
+    widths = []
+    orig = eng._forward
+
+    def spy(ids, *a, **k):
+        widths.append(tuple(ids.shape))
+        return orig(ids, *a, **k)
+
+    eng._forward = spy
+    images, exprs = batch_inputs()
+    eng.start(images, exprs, 1.0, 3)
+    assert widths[0][0] == 3  # 3 unique prompts for 6 rows
+    assert all(w == (6, 1) for w in widths[1:])  # decode steps run the whole batch
+
+
+class ScriptedFilter(LogitFilter):
+    """Forces row b to emit script[b][k] at its k-th token of a step (None: the model's own argmax)."""
+
+    def __init__(self, base, scripts):
+        super().__init__(base.n_valid, base.banned)
+        self.scripts, self.k = scripts, 0
+
+    def __call__(self, logits):
+        out = super().__call__(logits).clone()
+        for b, s in enumerate(self.scripts):
+            if s is not None and self.k < len(s):
+                out[b, s[self.k]] = 1e4
+        self.k += 1
+        return out
+
+
+def test_stop_rules_and_holes(tiny_q3):
+    eng = make_engine(tiny_q3)
+    tok = eng.layout.tokenizer
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    box_after_think = enc("<think>left</think> [1, 2, 30, 40] and more")
+    box_in_think = enc("<think>[1, 2, 3, 4]</think> ok<|im_end|> tail")
+    box_no_think = enc("[5, 6, 70, 80] then <think>x</think> [1, 2, 3, 4]")
+    base = eng.filter
+    eng.filter = ScriptedFilter(base, [box_after_think, box_in_think, box_no_think, None])
+    images = [rand_image(i) for i in range(4)]
+    res = eng.start(images, ["a", "b", "c", "d"], 0.0, 40)
+    n1 = len(enc("<think>left</think> [1, 2, 30, 40]"))
+    assert res[0].stop == "box" and res[0].token_ids == box_after_think[:n1]
+    assert tok.decode(res[0].token_ids) == "<think>left</think> [1, 2, 30, 40]"
+    n2 = len(enc("<think>[1, 2, 3, 4]</think> ok<|im_end|>"))
+    assert res[1].stop == "eos" and res[1].token_ids == box_in_think[:n2]  # a box inside <think> does not stop
+    assert res[2].stop == "box" and tok.decode(res[2].token_ids).endswith("</think> [1, 2, 3, 4]")
+    assert res[3].stop == "length" and len(res[3].token_ids) == 40
+    # Rows that stopped early left masked holes in the cache; the next step must still equal a full re-encode.
+    eng.filter = base
+    r1 = eng.refine([rand_image(40 + i) for i in range(4)], 0.0, 6)
+    for b in range(4):
+        lp, argmax = full_reencode(eng, [res[b], r1[b]])
+        assert torch.allclose(torch.tensor(r1[b].logprobs), lp[-len(r1[b].token_ids):], atol=1e-4)
+        assert r1[b].token_ids == argmax[-len(r1[b].token_ids):]
+
+
+def test_stop_without_think_requirement(tiny_q3):
+    eng = make_engine(tiny_q3)
+    eng.layout.prompts.stop_box_requires_think = False
+    ids = eng.layout.tokenizer("[5, 6, 70, 80] more", add_special_tokens=False)["input_ids"]
+    eng.filter = ScriptedFilter(eng.filter, [ids])
+    (res,) = eng.start([rand_image(0)], ["a"], 0.0, 20)
+    assert res.stop == "box" and eng.layout.tokenizer.decode(res.token_ids) == "[5, 6, 70, 80]"
+
+
+def test_inverse_cdf_sampling_matches_probabilities():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3]] * 20000)
+    g = torch.Generator().manual_seed(0)
+    tok = sample_inverse_cdf(probs, g)
+    counts = torch.bincount(tok, minlength=5).float() / len(tok)
+    assert counts[0] == 0 and counts[2] == 0  # zero-probability ids are never drawn
+    assert torch.allclose(counts, probs[0], atol=0.015)
+
+
+def test_refine_needs_a_batch(tiny_q3):
+    eng = make_engine(tiny_q3)
+    with pytest.raises(RuntimeError, match="no batch"):
+        eng.refine([rand_image(0)], 1.0, 4)
+    eng.start([rand_image(0)], ["a"], 1.0, 2)
+    with pytest.raises(ValueError, match="2 images for a batch of 1"):
+        eng.refine([rand_image(0)] * 2, 1.0, 4)
+    assert np.isfinite(eng.start([rand_image(0)], ["a"], 1.0, 2)[0].logprobs).all()
