@@ -14,13 +14,13 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 import numpy as np
 from PIL import Image
 
+from ivt_env.atomic import atomic_open
 from rollouts.types import Step, Trajectory
 
 PathLike = Union[str, os.PathLike]
@@ -58,17 +58,8 @@ def safe_name(name: str) -> str:
 
 def save_png(path: PathLike, image: np.ndarray) -> None:
     """Write a uint8 (H, W, 3) image as PNG atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(f, format="PNG")
 
 
 def save_trajectories(path: PathLike, trajectories: Iterable[Trajectory], image_dir: Optional[PathLike] = None) -> Path:
@@ -90,19 +81,10 @@ def save_trajectories(path: PathLike, trajectories: Iterable[Trajectory], image_
                 img_path = image_dir / f"{stem}_t{s.t}.png"
                 save_png(img_path, s.observation)
                 s.image_path = os.path.relpath(img_path, path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for traj in trajs:
-                f.write(json.dumps(trajectory_record(traj), default=_json_default, ensure_ascii=False))
-                f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w") as f:
+        for traj in trajs:
+            f.write(json.dumps(trajectory_record(traj), default=_json_default, ensure_ascii=False))
+            f.write("\n")
     return path
 
 

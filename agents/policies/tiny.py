@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
+
+from ivt_env.atomic import atomic_dir
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_tokenizer"
 NUMBER_MAX = 1000
@@ -248,19 +249,10 @@ def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, arch: str = "qwe
         eos_token_id=[config.text_config.eos_token_id, config.text_config.pad_token_id],
         pad_token_id=config.text_config.pad_token_id,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    os.chmod(tmp, 0o755)  # mkdtemp makes 0700
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         tiny_image_processor(arch).save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -276,12 +268,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--retrain-tokenizer", action="store_true", help=f"retrain the tokenizer into {ASSET_DIR}")
     args = ap.parse_args(argv)
     if args.retrain_tokenizer:
-        tmp = Path(tempfile.mkdtemp(dir=ASSET_DIR.parent, prefix=".tiny_tokenizer."))
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
-        train_tokenizer(tmp)
-        if ASSET_DIR.exists():
-            shutil.rmtree(ASSET_DIR)
-        os.replace(tmp, ASSET_DIR)
+        with atomic_dir(ASSET_DIR) as tmp:
+            train_tokenizer(tmp)
         print(f"tokenizer written to {ASSET_DIR}")
     if args.out_dir:
         print(build_tiny_model(args.out_dir, seed=args.seed, arch=args.arch))

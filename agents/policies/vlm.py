@@ -38,13 +38,11 @@ import contextlib
 import copy
 import json
 import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from ivt_env.atomic import atomic_dir
 from agents.policies.base import PolicyOutput, SamplingParams, TokenLogprobs, TrainablePolicy
 from agents.policies.engine import LogitFilter, RolloutEngine
 from agents.policies.logprobs import IGNORE, EncodedTrajectory, ImageResolver, encode_trajectory, teacher_forced
@@ -319,11 +317,7 @@ class VLMPolicy(TrainablePolicy):
         :meth:`from_pretrained` loads it back."""
         from agents.config import save_yaml
 
-        out = Path(directory)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700
-        try:
+        with atomic_dir(directory) as tmp:
             if self.load_in_4bit and not self.uses_lora:
                 raise ValueError("save: a 4-bit model without LoRA has nothing trainable to save")
             if self.uses_lora:
@@ -336,16 +330,6 @@ class VLMPolicy(TrainablePolicy):
             info = {"base_model": self.base_path if self.uses_lora else None, "model_type": self.model_type,
                     "lora": self.uses_lora, "load_in_4bit": self.load_in_4bit}  # fmt: skip
             (tmp / POLICY_FILE).write_text(json.dumps(info, indent=2))
-            old = None
-            if out.exists():
-                old = out.parent / f".{out.name}.old.{os.getpid()}"
-                os.replace(out, old)
-            os.replace(tmp, out)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
 
 __all__ = ["IGNORE", "LoraSettings", "VLMPolicy", "disable_bnb_cpu_bf16_repack"]
