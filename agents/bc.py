@@ -1,0 +1,404 @@
+"""Behaviour cloning on teacher trajectories (the SFT warm-up, IVT Sec. 3.2): ``python -m agents.bc train``.
+
+Each optimizer step: take ``grad_accum`` micro-batches of teacher trajectories (a folder written by
+``python -m rollouts.synthesize``, or fresh ones synthesized per batch), compute the policy's BC LOSS (cross-entropy
+on the tokens the model must generate, reasoning and boxes; every injected token, i.e. the prompt, the overlay
+images and the corrective instructions, labelled -100), step AdamW under a warm-up + cosine schedule, LOG
+``train/loss`` and ``train/lr`` to TensorBoard, EVALUATE on the val split through ``agents.evaluate`` (Acc@k,
+per-step IoU, rates as ``eval/...``; the best checkpoint by ``best_metric`` goes to ``{run}/best``), and CHECKPOINT
+atomically (``agents.checkpoint``). ``--resume --out RUN`` continues a killed run.
+
+The training sequences are built by the policy itself (``VLMPolicy.bc_loss`` -> ``encode_trajectory``): the same
+prompt, the same injected overlay images and instructions, the same prefix continuation as at inference.
+
+Outputs in the run folder: ``config.yaml``, TensorBoard events + ``scalars.jsonl``, ``checkpoints/iter_*``,
+``best/`` and ``final/`` (policy folders that ``VLMPolicy.from_pretrained`` and ``--init-from`` accept, with
+``eval.json``), ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from agents.bc_config import BCConfig
+from agents.checkpoint import (
+    checkpoint_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    read_state,
+    save_checkpoint,
+)
+from agents.config import atomic_write_text, parse_cli, save_yaml, to_dict
+from agents.policies.base import SamplingParams
+from agents.run_logging import RunLogger, make_run_dir
+
+DEFAULT_CONFIG = "bc_cpu.yaml"
+PROG = "python -m agents.bc train"
+EVAL_KEYS = ("acc@0.5", "acc@0.7", "acc@0.9", "miou", "iou_step", "delta", "improve_rate", "stagnation_rate",
+             "degradation_rate", "format_rate", "n")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------- setup
+def build_policy(cfg: BCConfig, run_dir: Path) -> Any:
+    """The trainable VLM policy: a fresh tiny model (``init_from=tiny``, built once into ``{run}/base``) or a
+    model folder, with a new LoRA adapter or fully trainable."""
+    from agents.grpo_setup import lora_settings
+    from agents.policies.vlm import VLMPolicy
+
+    path = cfg.init_from
+    if path == "tiny":
+        from agents.policies.tiny import build_tiny_model
+
+        base = run_dir / "base"
+        if not (base / "config.json").is_file():
+            build_tiny_model(base, seed=cfg.tiny_seed)
+            if cfg.number_init == "sinusoidal":
+                init_number_embeddings(base)
+        path = str(base)
+    elif not Path(path).exists() and "/" not in path:
+        raise FileNotFoundError(f"init_from {path!r}: no such model folder (use 'tiny' for a fresh tiny model)")
+    lora = None if cfg.full_finetune else lora_settings(cfg)
+    if not cfg.full_finetune and lora is None:
+        raise ValueError("bc config: lora.enabled is false and full_finetune is false: nothing would train")
+    return VLMPolicy.from_pretrained(path, lora=lora, load_in_4bit=cfg.load_in_4bit, device=cfg.device,
+                                     dtype=cfg.dtype, prompts=cfg.prompts, full_finetune=cfg.full_finetune,
+                                     gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed)  # fmt: skip
+
+
+def init_number_embeddings(model_dir: str | Path, max_value: int = 1000, min_period: float = 16.0) -> int:
+    """Give the whole-number tokens "0".."1000" of a fresh model sinusoidal embeddings of their value (in place).
+
+    Row ``n`` becomes ``a * [sin(w_k n), cos(w_k n)]_k`` with H/2 frequencies ``w_k`` spaced geometrically from
+    period ``2 * max_value`` (no wrap-around) to period ``min_period``, and ``a`` chosen so the row norm equals the
+    mean norm of the random rows. With tied input/output embeddings the logit of number ``n`` for a hidden state
+    aligned with number ``m``'s row is ``a^2 * sum_k cos(w_k (n - m))``: a kernel peaked at ``n = m``, so pushing up
+    the right coordinate also lifts its neighbours. A model trained from scratch then learns coordinates as
+    values instead of 1,001 unrelated symbols. Returns the number of rows set."""
+    import numpy as np
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    model_dir = str(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    emb = model.get_input_embeddings().weight  # (V, H)
+    H = emb.shape[1]
+    periods = np.geomspace(2.0 * max_value, min_period, H // 2)
+    w = 2 * np.pi / periods  # (H/2,)
+    ids, values = [], []
+    for n in range(max_value + 1):
+        i = tok.convert_tokens_to_ids(str(n))
+        if i is not None and i != tok.unk_token_id and tok.convert_ids_to_tokens(i) == str(n):
+            ids.append(i)
+            values.append(n)
+    if not ids:
+        return 0
+    v = np.asarray(values, dtype=np.float64)[:, None] * w[None, :]  # (N, H/2)
+    code = np.concatenate([np.sin(v), np.cos(v)], axis=1)  # (N, H) when H is even
+    code = code[:, :H] if code.shape[1] >= H else np.pad(code, ((0, 0), (0, H - code.shape[1])))
+    with torch.no_grad():
+        target = float(emb.norm(dim=1).mean())
+        rows = torch.tensor(code, dtype=emb.dtype)
+        rows *= target / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        emb[torch.tensor(ids)] = rows
+    model.save_pretrained(model_dir)
+    return len(ids)
+
+
+def build_data(cfg: BCConfig) -> Any:
+    """OnlineData (fresh trajectories per batch) or FolderData (a synthesized folder)."""
+    from agents.bc_data import FolderData, OnlineData
+    from rollouts.synthesize import Synthesizer, make_env
+
+    if cfg.data == "online":
+        syn = Synthesizer(cfg.synth)
+        ground = None
+        if cfg.grounding_mix > 0 or cfg.grounding_only_steps > 0:
+            import dataclasses
+
+            g_cfg = dataclasses.replace(cfg.synth, start="gt", steps=0, iou_min=0.0, iou_max=1.0)
+            ground = Synthesizer(g_cfg, dataset=syn.dataset)
+        return OnlineData(syn, cfg.batch_size, seed=cfg.seed, grounding=ground, grounding_mix=cfg.grounding_mix,
+                          grounding_only=cfg.grounding_only_steps * cfg.grad_accum)  # fmt: skip
+    steps = None
+    cfg_path = Path(cfg.data) / "config.yaml"
+    if cfg_path.is_file():  # the env that replays image-less trajectories uses the folder's own settings
+        import yaml
+
+        steps = (yaml.safe_load(cfg_path.read_text()) or {}).get("steps")
+    synth = cfg.synth
+
+    def env_fn() -> Any:
+        return make_env(synth, int(steps if steps is not None else synth.steps))
+
+    return FolderData(cfg.data, cfg.batch_size, seed=cfg.seed, env_fn=env_fn, limit=cfg.data_limit)
+
+
+def total_steps(cfg: BCConfig, data: Any) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * steps_per_epoch(cfg, data)))
+
+
+def steps_per_epoch(cfg: BCConfig, data: Any) -> int:
+    n = getattr(data, "batches_per_epoch", None)
+    return max(1, math.ceil(n / cfg.grad_accum)) if n else 0
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, total: int, cfg: BCConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warmup_ratio`` of the steps, constant until ``lr_decay_start`` of the steps, then
+    cosine / linear decay to ``lr * min_lr_ratio`` at the last step, or constant (IVT: cosine with 10% warm-up)."""
+    warm = int(round(cfg.warmup_ratio * total))
+    start = max(warm, int(round(cfg.lr_decay_start * total)))  # the decay begins here (warm-up, stable, decay)
+    lo = cfg.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if cfg.lr_schedule == "constant" or step < start:
+            return 1.0
+        frac = min(max((step - start) / max(total - start, 1), 0.0), 1.0)
+        decay = 1.0 - frac if cfg.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+        return lo + (1.0 - lo) * decay
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _prepare_run_dir(cfg: BCConfig) -> Path:
+    if cfg.out:
+        run_dir = Path(cfg.out)
+        if not cfg.resume and latest_checkpoint(run_dir) is not None:
+            raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
+                                  "or choose another --out")
+        if cfg.resume and latest_checkpoint(run_dir) is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}/checkpoints to continue from")
+    else:
+        run_dir = make_run_dir(cfg.runs_root, cfg.synth.env, cfg.exp_name, cfg.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, run_dir / ("config.resume.yaml" if cfg.resume else "config.yaml"))
+    return run_dir
+
+
+# ------------------------------------------------------------------------------------------------------ eval
+class _Evaluator:
+    """Validation through ``agents.evaluate.evaluate`` on a collector of ``eval_batch`` envs kept across calls."""
+
+    def __init__(self, cfg: BCConfig):
+        self.cfg = cfg
+        self.collector = None
+
+    def __call__(self, policy: Any, log: RunLogger, step: int) -> dict:
+        from agents.evaluate import evaluate
+        from rollouts.collector import Collector
+        from rollouts.synthesize import load_env_dataset, make_env
+
+        cfg = self.cfg
+        steps = cfg.synth.steps if cfg.eval_steps < 0 else cfg.eval_steps
+        if self.collector is None:
+            val_cfg = _replace(cfg.synth, split=cfg.val_split, dataset_kwargs=_val_kwargs(cfg.synth.dataset_kwargs))
+            ds = load_env_dataset(val_cfg)
+            n = len(ds) if cfg.eval_limit <= 0 else min(cfg.eval_limit, len(ds))
+            self.collector = Collector([make_env(val_cfg, steps, ds) for _ in range(max(1, min(cfg.eval_batch, n)))])
+        sampling = SamplingParams(greedy=True, max_new_tokens=cfg.eval_max_new_tokens)
+        t0 = time.perf_counter()
+        m = evaluate(policy, self.collector, cfg.val_split, cfg.eval_limit or None, steps, sampling, None, writer=log,
+                     prefix="eval", global_step=step, num_strips=4, name=cfg.exp_name)  # fmt: skip
+        log.scalar("time/eval_s", time.perf_counter() - t0, step)
+        policy.train()
+        return m
+
+    def close(self) -> None:
+        if self.collector is not None:
+            self.collector.close()
+
+
+def _replace(obj: Any, **kw: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+def _val_kwargs(kwargs: dict) -> dict:
+    """Dataset arguments for the val split: a train-size override (num_samples) does not carry over."""
+    return {k: v for k, v in dict(kwargs or {}).items() if k != "num_samples"}
+
+
+def _eval_record(m: dict, step: int) -> dict:
+    return {"step": step, **{k: m.get(k) for k in EVAL_KEYS}}
+
+
+# ----------------------------------------------------------------------------------------------------- train
+def train(cfg: BCConfig) -> dict[str, Any]:
+    """Run (or resume) behaviour cloning; returns the summary also written to ``{run}/summary.json``."""
+    from agents.grpo_setup import seed_everything
+
+    cfg.validate()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    run_dir = _prepare_run_dir(cfg)
+    if cfg.resume:  # before the logger opens scalars.jsonl for appending (the file is rewritten here)
+        _truncate_scalars(run_dir, int(read_state(latest_checkpoint(run_dir))["step"]))
+    log = RunLogger(run_dir)
+    policy = build_policy(cfg, run_dir)
+    policy.train()
+    params = list(policy.trainable_parameters())
+    if not params:
+        raise ValueError(f"policy from {cfg.init_from!r} has no trainable parameters")
+    data = build_data(cfg)
+    total = total_steps(cfg, data)
+    per_epoch = steps_per_epoch(cfg, data)
+    eval_every = cfg.eval_every or per_epoch  # 0 with online data: evaluate only at the end
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = make_scheduler(optimizer, total, cfg)
+    state: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "evals": [], "train_s": 0.0,
+                             "trajectories": 0, "tokens": 0}  # fmt: skip
+    if cfg.resume:
+        ckpt = latest_checkpoint(run_dir)
+        state = load_checkpoint(ckpt, policy=policy, optimizer=optimizer, scheduler=scheduler)
+        print(f"[bc] resumed {ckpt} at step {state['step']}", file=sys.stderr)
+    else:
+        log.hparams(to_dict(cfg), {"eval/acc@0.5": 0.0, "eval/miou": 0.0})
+        log.text("config", "```\n" + (run_dir / "config.yaml").read_text() + "\n```", 0)
+    evaluator = _Evaluator(cfg)
+
+    def do_eval(step: int) -> dict:
+        m = evaluator(policy, log, step)
+        rec = _eval_record(m, step)
+        state["evals"].append(rec)
+        score = m.get(cfg.best_metric)
+        if score is None:
+            raise KeyError(f"best_metric {cfg.best_metric!r} is not a metric; known: {sorted(k for k in m if k != 'report')}")
+        if state["best"] is None or score > state["best"]:
+            state["best"], state["best_step"] = float(score), step
+            _save_policy(policy, run_dir / "best", rec)
+        return m
+
+    def do_checkpoint() -> None:
+        save_checkpoint(checkpoint_dir(run_dir, state["step"]), policy=policy, optimizer=optimizer,
+                        scheduler=scheduler, state={**state, "config": to_dict(cfg)}, save_policy_files=False)  # fmt: skip
+        prune_checkpoints(run_dir, cfg.keep_last)
+
+    if state["step"] == 0 and cfg.eval_at_start:
+        m = do_eval(0)
+        print(f"[bc] step 0 (untrained): acc@0.5 {m['acc@0.5']:.3f}, format {m['format_rate']:.3f}", file=sys.stderr)
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=state["step"], desc="bc", unit="step", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    done_here = 0
+    window: list[float] = []
+    for step in range(state["step"], total):
+        t0 = time.perf_counter()
+        for m_idx in range(cfg.grad_accum):
+            batch = data.batch(step * cfg.grad_accum + m_idx)
+            loss, n_tok = policy.bc_loss(batch)
+            (loss / cfg.grad_accum).backward()
+            window.append(float(loss.detach()))
+            state["trajectories"] += len(batch)
+            state["tokens"] += int(n_tok)
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")))
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        dt = time.perf_counter() - t0
+        state["train_s"] += dt
+        state["step"] = step + 1
+        done_here += 1
+        s = state["step"]
+        if s % cfg.log_every == 0 or s == total:
+            log.scalars({"loss": sum(window) / len(window), "lr": lr, "grad_norm": grad_norm,
+                         "trajectories": state["trajectories"], "tokens": state["tokens"]}, s, prefix="train/")  # fmt: skip
+            log.scalars({"step_s": dt, "train_s": state["train_s"]}, s, prefix="time/")
+            if bar is not None:
+                bar.set_postfix(loss=f"{sum(window) / len(window):.3f}", lr=f"{lr:.2e}",
+                                best=f"{state['best']:.3f}" if state["best"] is not None else "-")  # fmt: skip
+            window = []
+        if bar is not None:
+            bar.update(1)
+        last = s == total
+        stop = (cfg.stop_after and done_here >= cfg.stop_after) or (
+            cfg.time_limit_min > 0 and time.perf_counter() - t_start >= 60 * cfg.time_limit_min)
+        if (eval_every and s % eval_every == 0) or last or (stop and cfg.time_limit_min > 0):
+            m = do_eval(s)
+            if bar is not None:
+                bar.write(f"[bc] step {s}: val acc@0.5 {m['acc@0.5']:.3f}  miou {m['miou']:.3f}  "
+                          f"format {m['format_rate']:.3f}")
+        if last or stop or (cfg.save_every and s % cfg.save_every == 0) or (eval_every and s % eval_every == 0):
+            do_checkpoint()
+        if stop and not last:
+            print(f"[bc] stopped after {done_here} steps (step {s} of {total}); continue with --resume --out {run_dir}",
+                  file=sys.stderr)
+            break
+    if bar is not None:
+        bar.close()
+    evaluator.close()
+    if state["step"] == total:
+        _save_policy(policy, run_dir / "final", state["evals"][-1] if state["evals"] else {})
+    log.close()
+    summary = {"run_dir": str(run_dir), "steps": state["step"], "total_steps": total, "best_metric": cfg.best_metric,
+               "best": state["best"], "best_step": state["best_step"], "train_s": round(state["train_s"], 1),
+               "trajectories": state["trajectories"], "first_eval": state["evals"][0] if state["evals"] else None,
+               "last_eval": state["evals"][-1] if state["evals"] else None}  # fmt: skip
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _save_policy(policy: Any, directory: Path, record: dict) -> None:
+    policy.save(str(directory))
+    atomic_write_text(directory / "eval.json", json.dumps(record, indent=2) + "\n")
+
+
+def _truncate_scalars(run_dir: Path, step: int) -> None:
+    """Drop scalars a killed run logged after its last checkpoint (they will be logged again)."""
+    p = run_dir / "scalars.jsonl"
+    if p.is_file():
+        keep = [ln for ln in p.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        atomic_write_text(p, "".join(ln + "\n" for ln in keep))
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+USAGE = f"""usage: {PROG} [--config FILE] [--FIELD VALUE ...]
+
+Behaviour cloning on teacher trajectories (IVT Sec. 3.2). `{PROG} --help` lists every field. With no --config the
+CPU default configs/{DEFAULT_CONFIG} is used (the tiny model from scratch on IVT-Synthetic-v0). Paper settings:
+configs/bc_paper.yaml.
+"""
+
+
+def _normalise_argv(argv: Sequence[str]) -> list[str]:
+    """Default config when none is given; bare bool flags (``--resume``, ``--full-finetune``) mean True."""
+    from agents.evaluate import _expand_bool_flags
+
+    out = _expand_bool_flags(argv, BCConfig)
+    if not any(a == "--config" or a.startswith("--config=") for a in out):
+        out = ["--config", DEFAULT_CONFIG, *out]
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] != "train":
+        print(f"unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    cfg = parse_cli(BCConfig, _normalise_argv(argv[1:]), prog=PROG, description=__doc__.split("\n\n")[0])
+    summary = train(cfg)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Run folders and a small TensorBoard wrapper shared by GRPO and behaviour cloning.
+
+Run folders follow CleanRL: ``runs/{env}__{exp}__{seed}__{time}``. :class:`RunLogger` writes TensorBoard events
+(scalars, images, text, the config as an hparams table) and mirrors every scalar into ``scalars.jsonl`` (one JSON
+object per logging call: ``{"step": k, "tag": value, ...}``) so scripts and notes can read curves without
+TensorBoard. A logger built with ``enabled=False`` (DDP ranks other than 0) does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import numpy as np
+
+
+def run_name(env_id: str, exp: str, seed: int, when: Optional[float] = None) -> str:
+    """``{env}__{exp}__{seed}__{YYYYmmdd-HHMMSS}`` with path separators in ``env``/``exp`` replaced."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(time.time() if when is None else when))
+    clean = lambda s: str(s).replace("/", "-").replace(os.sep, "-").replace(":", "-")  # noqa: E731
+    return f"{clean(env_id)}__{clean(exp)}__{seed}__{stamp}"
+
+
+def make_run_dir(root: str | os.PathLike, env_id: str, exp: str, seed: int, when: Optional[float] = None) -> Path:
+    """Create and return a fresh ``root/{run_name}`` (a numeric suffix avoids clashes within one second)."""
+    base = Path(root) / run_name(env_id, exp, seed, when)
+    path, k = base, 1
+    while path.exists():
+        path, k = Path(f"{base}-{k}"), k + 1
+    path.mkdir(parents=True)
+    return path
+
+
+def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a nested metrics dict as ``{prefix}{key}`` scalars.
+
+    Nested dicts join with ``/`` (``strata/hard/miou``); lists of numbers get the index appended
+    (``iou_step`` -> ``iou_step0``, ``iou_step1``, ...); non-numeric leaves are skipped.
+    """
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_metrics(value, name + "/"))
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                if _is_number(v):
+                    out[f"{name}{i}"] = float(v)
+        elif _is_number(value):
+            out[name] = float(value)
+    return out
+
+
+def _is_number(v: Any) -> bool:
+    if isinstance(v, bool):
+        return True
+    if isinstance(v, (int, float, np.integer, np.floating)):
+        return True
+    return hasattr(v, "numel") and v.numel() == 1
+
+
+def _hparam_value(v: Any) -> Any:
+    if isinstance(v, (bool, int, float, str)):
+        return v
+    return str(v)
+
+
+class RunLogger:
+    """TensorBoard ``SummaryWriter`` plus a ``scalars.jsonl`` mirror; every method is a no-op when disabled."""
+
+    def __init__(self, log_dir: str | os.PathLike, enabled: bool = True, flush_secs: int = 10):
+        self.log_dir = Path(log_dir)
+        self.enabled = enabled
+        self._writer = None
+        self._jsonl = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(str(self.log_dir), flush_secs=flush_secs)
+            self._jsonl = open(self.log_dir / "scalars.jsonl", "a")
+
+    # -------------------------------------------------------------------------------------------- writing
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars({tag: value}, step)
+
+    def scalars(self, values: Mapping[str, Any], step: int, prefix: str = "") -> None:
+        """Log a (nested) dict of numbers; see :func:`flatten_metrics` for naming. NaN/inf are logged as is."""
+        if not self.enabled:
+            return
+        flat = flatten_metrics(values, prefix)
+        for tag, v in flat.items():
+            self._writer.add_scalar(tag, v, step)
+        rec = {"step": int(step), **{k: (v if math.isfinite(v) else str(v)) for k, v in flat.items()}}
+        self._jsonl.write(json.dumps(rec) + "\n")
+        self._jsonl.flush()
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """An (H, W, 3) uint8 image (e.g. a trajectory strip from ``agents.viz``)."""
+        if not self.enabled:
+            return
+        arr = np.asarray(image)
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+            raise ValueError(f"RunLogger.image({tag!r}): expected (H, W, C) with C in 1/3/4, got {arr.shape}")
+        self._writer.add_image(tag, arr, step, dataformats="HWC")
+
+    def text(self, tag: str, text: str, step: int = 0) -> None:
+        if self.enabled:
+            self._writer.add_text(tag, text, step)
+
+    def hparams(self, config: Mapping[str, Any], metrics: Optional[Mapping[str, float]] = None) -> None:
+        """The (nested) config as TensorBoard's HPARAMS table, in this run's own event file.
+
+        Nested keys join with ``.``; lists and None become strings. ``metrics`` names scalar tags the table shows
+        (their values come from the logged scalars of the same tag).
+        """
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        flat = _flatten_config(config)
+        exp, ssi, sei = hparams({k: _hparam_value(v) for k, v in flat.items()}, dict(metrics or {}))
+        fw = self._writer._get_file_writer()
+        for summary in (exp, ssi, sei):
+            fw.add_summary(summary)
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._writer.flush()
+            self._jsonl.flush()
+
+    def close(self) -> None:
+        if self.enabled and self._writer is not None:
+            self._writer.close()
+            self._jsonl.close()
+            self._writer = None
+            self.enabled = False
+
+    def __enter__(self) -> "RunLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def read_scalars(log_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of ``scalars.jsonl`` in a run folder, in logging order."""
+    p = Path(log_dir) / "scalars.jsonl"
+    if not p.is_file():
+        return []
+    with open(p) as f:
+        return [json.loads(line) for line in f if line.strip()]
