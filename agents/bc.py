@@ -19,7 +19,6 @@ Outputs in the run folder: ``config.yaml``, TensorBoard events + ``scalars.jsonl
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,13 @@ from typing import Any, Optional, Sequence
 import torch
 
 from agents.bc_config import BCConfig
+from agents.bc_setup import (
+    build_data,
+    build_policy,
+    make_scheduler,
+    steps_per_epoch,
+    total_steps,
+)
 from agents.checkpoint import (
     checkpoint_dir,
     latest_checkpoint,
@@ -44,131 +50,6 @@ DEFAULT_CONFIG = "bc_cpu.yaml"
 PROG = "python -m agents.bc train"
 EVAL_KEYS = ("acc@0.5", "acc@0.7", "acc@0.9", "miou", "iou_step", "delta", "improve_rate", "stagnation_rate",
              "degradation_rate", "format_rate", "n")  # fmt: skip
-
-
-# ----------------------------------------------------------------------------------------------------- setup
-def build_policy(cfg: BCConfig, run_dir: Path) -> Any:
-    """The trainable VLM policy: a fresh tiny model (``init_from=tiny``, built once into ``{run}/base``) or a
-    model folder, with a new LoRA adapter or fully trainable."""
-    from agents.grpo_setup import lora_settings
-    from agents.policies.vlm import VLMPolicy
-
-    path = cfg.init_from
-    if path == "tiny":
-        from agents.policies.tiny import build_tiny_model
-
-        base = run_dir / "base"
-        if not (base / "config.json").is_file():
-            build_tiny_model(base, seed=cfg.tiny_seed)
-            if cfg.number_init == "sinusoidal":
-                init_number_embeddings(base)
-        path = str(base)
-    elif not Path(path).exists() and "/" not in path:
-        raise FileNotFoundError(f"init_from {path!r}: no such model folder (use 'tiny' for a fresh tiny model)")
-    lora = None if cfg.full_finetune else lora_settings(cfg)
-    if not cfg.full_finetune and lora is None:
-        raise ValueError("bc config: lora.enabled is false and full_finetune is false: nothing would train")
-    return VLMPolicy.from_pretrained(path, lora=lora, load_in_4bit=cfg.load_in_4bit, device=cfg.device,
-                                     dtype=cfg.dtype, prompts=cfg.prompts, full_finetune=cfg.full_finetune,
-                                     gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed)  # fmt: skip
-
-
-def init_number_embeddings(model_dir: str | Path, max_value: int = 1000, min_period: float = 16.0) -> int:
-    """Give the whole-number tokens "0".."1000" of a fresh model sinusoidal embeddings of their value (in place).
-
-    Row ``n`` becomes ``a * [sin(w_k n), cos(w_k n)]_k`` with H/2 frequencies ``w_k`` spaced geometrically from
-    period ``2 * max_value`` (no wrap-around) to period ``min_period``, and ``a`` chosen so the row norm equals the
-    mean norm of the random rows. With tied input/output embeddings the logit of number ``n`` for a hidden state
-    aligned with number ``m``'s row is ``a^2 * sum_k cos(w_k (n - m))``: a kernel peaked at ``n = m``, so pushing up
-    the right coordinate also lifts its neighbours. A model trained from scratch then learns coordinates as
-    values instead of 1,001 unrelated symbols. Returns the number of rows set."""
-    import numpy as np
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
-
-    model_dir = str(model_dir)
-    model = AutoModelForImageTextToText.from_pretrained(model_dir)
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    emb = model.get_input_embeddings().weight  # (V, H)
-    H = emb.shape[1]
-    periods = np.geomspace(2.0 * max_value, min_period, H // 2)
-    w = 2 * np.pi / periods  # (H/2,)
-    ids, values = [], []
-    for n in range(max_value + 1):
-        i = tok.convert_tokens_to_ids(str(n))
-        if i is not None and i != tok.unk_token_id and tok.convert_ids_to_tokens(i) == str(n):
-            ids.append(i)
-            values.append(n)
-    if not ids:
-        return 0
-    v = np.asarray(values, dtype=np.float64)[:, None] * w[None, :]  # (N, H/2)
-    code = np.concatenate([np.sin(v), np.cos(v)], axis=1)  # (N, H) when H is even
-    code = code[:, :H] if code.shape[1] >= H else np.pad(code, ((0, 0), (0, H - code.shape[1])))
-    with torch.no_grad():
-        target = float(emb.norm(dim=1).mean())
-        rows = torch.tensor(code, dtype=emb.dtype)
-        rows *= target / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        emb[torch.tensor(ids)] = rows
-    model.save_pretrained(model_dir)
-    return len(ids)
-
-
-def build_data(cfg: BCConfig) -> Any:
-    """OnlineData (fresh trajectories per batch) or FolderData (a synthesized folder)."""
-    from agents.bc_data import FolderData, OnlineData
-    from rollouts.synthesize import Synthesizer, make_env
-
-    if cfg.data == "online":
-        syn = Synthesizer(cfg.synth)
-        ground = None
-        if cfg.grounding_mix > 0 or cfg.grounding_only_steps > 0:
-            import dataclasses
-
-            g_cfg = dataclasses.replace(cfg.synth, start="gt", steps=0, iou_min=0.0, iou_max=1.0)
-            ground = Synthesizer(g_cfg, dataset=syn.dataset)
-        return OnlineData(syn, cfg.batch_size, seed=cfg.seed, grounding=ground, grounding_mix=cfg.grounding_mix,
-                          grounding_only=cfg.grounding_only_steps * cfg.grad_accum)  # fmt: skip
-    steps = None
-    cfg_path = Path(cfg.data) / "config.yaml"
-    if cfg_path.is_file():  # the env that replays image-less trajectories uses the folder's own settings
-        import yaml
-
-        steps = (yaml.safe_load(cfg_path.read_text()) or {}).get("steps")
-    synth = cfg.synth
-
-    def env_fn() -> Any:
-        return make_env(synth, int(steps if steps is not None else synth.steps))
-
-    return FolderData(cfg.data, cfg.batch_size, seed=cfg.seed, env_fn=env_fn, limit=cfg.data_limit)
-
-
-def total_steps(cfg: BCConfig, data: Any) -> int:
-    if cfg.max_steps > 0:
-        return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * steps_per_epoch(cfg, data)))
-
-
-def steps_per_epoch(cfg: BCConfig, data: Any) -> int:
-    n = getattr(data, "batches_per_epoch", None)
-    return max(1, math.ceil(n / cfg.grad_accum)) if n else 0
-
-
-def make_scheduler(optimizer: torch.optim.Optimizer, total: int, cfg: BCConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over ``warmup_ratio`` of the steps, constant until ``lr_decay_start`` of the steps, then
-    cosine / linear decay to ``lr * min_lr_ratio`` at the last step, or constant (IVT: cosine with 10% warm-up)."""
-    warm = int(round(cfg.warmup_ratio * total))
-    start = max(warm, int(round(cfg.lr_decay_start * total)))  # the decay begins here (warm-up, stable, decay)
-    lo = cfg.min_lr_ratio
-
-    def factor(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        if cfg.lr_schedule == "constant" or step < start:
-            return 1.0
-        frac = min(max((step - start) / max(total - start, 1), 0.0), 1.0)
-        decay = 1.0 - frac if cfg.lr_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
-        return lo + (1.0 - lo) * decay
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def _prepare_run_dir(cfg: BCConfig) -> Path:

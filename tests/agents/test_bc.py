@@ -183,3 +183,24 @@ def test_schedule_stable_phase_before_decay():
         sched.step()
     # warm-up 1 step, stable until step 5, then linear from 1 to 0.2 over steps 5..10
     assert lrs == [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.84, 0.68, 0.52, 0.36]
+
+
+def test_sinusoidal_number_embeddings(tmp_path):
+    import numpy as np
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    from agents.bc_setup import init_number_embeddings
+    from agents.policies.tiny import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "tiny")
+    assert init_number_embeddings(path) == 1001
+    model = AutoModelForImageTextToText.from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(str(path))
+    emb = model.get_input_embeddings().weight.detach()
+    row = lambda n: emb[tok.convert_tokens_to_ids(str(n))]  # noqa: E731
+    # cosine similarity of numbers m, n = mean_k cos(w_k (m - n)), periods geometric from 2000 down to 16
+    w = 2 * np.pi / np.geomspace(2000.0, 16.0, emb.shape[1] // 2)
+    for m, n in ((500, 500), (500, 505), (500, 530), (100, 900)):
+        cos = float(torch.nn.functional.cosine_similarity(row(m), row(n), dim=0))
+        assert cos == pytest.approx(float(np.cos(w * (m - n)).mean()), abs=1e-5)
+    assert torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)  # tied: the output side too
