@@ -22,13 +22,13 @@ import os
 import random
 import re
 import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+
+from ivt_env.atomic import atomic_dir
 
 STATE_FILE = "state.json"
 CKPT_DIRNAME = "checkpoints"
@@ -98,10 +98,7 @@ def save_checkpoint(
     ``save_policy_files=False`` skips ``policy.save`` (the exact tensors in ``trainable.pt`` are always written).
     """
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a checkpoint is as readable as any folder
+    with atomic_dir(directory) as tmp:
         if policy is not None:
             if save_policy_files and hasattr(policy, "save"):
                 policy.save(str(tmp / "policy"))
@@ -116,28 +113,7 @@ def save_checkpoint(
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        _replace_dir(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move folder ``src`` to ``dst``; an existing ``dst`` is first renamed aside, then deleted."""
-    old = None
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _json_default(o: Any) -> Any:
