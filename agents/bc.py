@@ -42,29 +42,14 @@ from agents.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from agents.config import atomic_write_text, parse_cli, save_yaml, to_dict
+from agents.config import atomic_write_text, parse_cli, to_dict, train_argv
 from agents.policies.base import SamplingParams
-from agents.run_logging import RunLogger, make_run_dir
+from agents.run_logging import RunLogger, prepare_run_dir
 
 DEFAULT_CONFIG = "bc_cpu.yaml"
 PROG = "python -m agents.bc train"
 EVAL_KEYS = ("acc@0.5", "acc@0.7", "acc@0.9", "miou", "iou_step", "delta", "improve_rate", "stagnation_rate",
              "degradation_rate", "format_rate", "n")  # fmt: skip
-
-
-def _prepare_run_dir(cfg: BCConfig) -> Path:
-    if cfg.out:
-        run_dir = Path(cfg.out)
-        if not cfg.resume and latest_checkpoint(run_dir) is not None:
-            raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
-                                  "or choose another --out")
-        if cfg.resume and latest_checkpoint(run_dir) is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}/checkpoints to continue from")
-    else:
-        run_dir = make_run_dir(cfg.runs_root, cfg.synth.env, cfg.exp_name, cfg.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, run_dir / ("config.resume.yaml" if cfg.resume else "config.yaml"))
-    return run_dir
 
 
 # ------------------------------------------------------------------------------------------------------ eval
@@ -124,7 +109,7 @@ def train(cfg: BCConfig) -> dict[str, Any]:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
-    run_dir = _prepare_run_dir(cfg)
+    run_dir = prepare_run_dir(cfg, cfg.synth.env)
     if cfg.resume:  # before the logger opens scalars.jsonl for appending (the file is rewritten here)
         _truncate_scalars(run_dir, int(read_state(latest_checkpoint(run_dir))["step"]))
     log = RunLogger(run_dir)
@@ -149,6 +134,9 @@ def train(cfg: BCConfig) -> dict[str, Any]:
         log.hparams(to_dict(cfg), {"eval/acc@0.5": 0.0, "eval/miou": 0.0})
         log.text("config", "```\n" + (run_dir / "config.yaml").read_text() + "\n```", 0)
     evaluator = _Evaluator(cfg)
+    # only the non-default loss options, so any TrainablePolicy with a plain bc_loss(trajectories) still works
+    loss_kwargs = {k: v for k, v in (("number_sigma", cfg.number_sigma), ("clone_start", cfg.clone_start))
+                   if v != BCConfig.__dataclass_fields__[k].default}  # fmt: skip
 
     def do_eval(step: int) -> dict:
         m = evaluator(policy, log, step)
@@ -182,7 +170,7 @@ def train(cfg: BCConfig) -> dict[str, Any]:
         t0 = time.perf_counter()
         for m_idx in range(cfg.grad_accum):
             batch = data.batch(step * cfg.grad_accum + m_idx)
-            loss, n_tok = policy.bc_loss(batch)
+            loss, n_tok = policy.bc_loss(batch, **loss_kwargs)
             (loss / cfg.grad_accum).backward()
             window.append(float(loss.detach()))
             state["trajectories"] += len(batch)
@@ -257,16 +245,6 @@ configs/bc_paper.yaml.
 """
 
 
-def _normalise_argv(argv: Sequence[str]) -> list[str]:
-    """Default config when none is given; bare bool flags (``--resume``, ``--full-finetune``) mean True."""
-    from agents.evaluate import _expand_bool_flags
-
-    out = _expand_bool_flags(argv, BCConfig)
-    if not any(a == "--config" or a.startswith("--config=") for a in out):
-        out = ["--config", DEFAULT_CONFIG, *out]
-    return out
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -275,7 +253,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[0] != "train":
         print(f"unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    cfg = parse_cli(BCConfig, _normalise_argv(argv[1:]), prog=PROG, description=__doc__.split("\n\n")[0])
+    cfg = parse_cli(BCConfig, train_argv(argv[1:], BCConfig, DEFAULT_CONFIG), prog=PROG, description=__doc__.split("\n\n")[0])
     summary = train(cfg)
     print(json.dumps(summary, indent=2))
     return 0

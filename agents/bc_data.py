@@ -114,11 +114,15 @@ class OnlineData:
 
     ``grounding`` (optional): a second synthesizer of single-step grounding samples (``start=gt, steps=0``: the
     step-0 prompt answered with the GT box). ``grounding_mix`` of every micro-batch comes from it, and all of the
-    first ``grounding_only`` micro-batches."""
+    first ``grounding_only`` micro-batches. ``localize`` (optional): a synthesizer of single-step grounding samples
+    on easier scenes (e.g. one object each) that supplies the whole of the first ``localize_only`` micro-batches."""
 
     def __init__(self, synthesizer: Any, batch_size: int, seed: int = 0, indices: Optional[Sequence[int]] = None,
-                 grounding: Any = None, grounding_mix: float = 0.0, grounding_only: int = 0):  # fmt: skip
+                 grounding: Any = None, grounding_mix: float = 0.0, grounding_only: int = 0,
+                 localize: Any = None, localize_only: int = 0):  # fmt: skip
         self.syn = synthesizer
+        self.localize = localize
+        self.localize_only = localize_only if localize is not None else 0
         self.grounding = grounding
         self.grounding_mix = grounding_mix
         self.grounding_only = grounding_only
@@ -131,6 +135,8 @@ class OnlineData:
     def batch(self, k: int) -> list[Trajectory]:
         """Micro-batch number ``k``: samples drawn by ``Random((seed, k))``, filtered, played as teacher
         trajectories (single-step grounding samples first when mixed)."""
+        if k < self.localize_only:
+            return self._draw(self.localize, self.batch_size, random.Random(f"{self.seed}/{k}/localize"))
         n_ground = 0
         if self.grounding is not None:
             n_ground = self.batch_size if k < self.grounding_only else int(round(self.grounding_mix * self.batch_size))

@@ -5,6 +5,7 @@ loop and nothing else."""
 from __future__ import annotations
 
 import math
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,8 @@ def build_policy(cfg: BCConfig, run_dir: Path) -> Any:
         raise ValueError("bc config: lora.enabled is false and full_finetune is false: nothing would train")
     return VLMPolicy.from_pretrained(path, lora=lora, load_in_4bit=cfg.load_in_4bit, device=cfg.device,
                                      dtype=cfg.dtype, prompts=cfg.prompts, full_finetune=cfg.full_finetune,
-                                     gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed)  # fmt: skip
+                                     gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed,
+                                     reference="none")  # fmt: skip  # cloning has no KL term: no frozen copy
 
 
 def init_number_embeddings(model_dir: str | Path, max_value: int = 1000, min_period: float = 16.0) -> int:
@@ -87,12 +89,16 @@ def build_data(cfg: BCConfig) -> Any:
         syn = Synthesizer(cfg.synth)
         ground = None
         if cfg.grounding_mix > 0 or cfg.grounding_only_steps > 0:
-            import dataclasses
-
             g_cfg = dataclasses.replace(cfg.synth, start="gt", steps=0, iou_min=0.0, iou_max=1.0)
             ground = Synthesizer(g_cfg, dataset=syn.dataset)
+        loc = None
+        if cfg.localize_steps > 0:  # easier scenes first (own dataset: different scene parameters)
+            kwargs = {**dict(cfg.synth.dataset_kwargs or {}), **cfg.localize_kwargs}
+            l_cfg = dataclasses.replace(cfg.synth, start="gt", steps=0, iou_min=0.0, iou_max=1.0, dataset_kwargs=kwargs)
+            loc = Synthesizer(l_cfg)
         return OnlineData(syn, cfg.batch_size, seed=cfg.seed, grounding=ground, grounding_mix=cfg.grounding_mix,
-                          grounding_only=cfg.grounding_only_steps * cfg.grad_accum)  # fmt: skip
+                          grounding_only=cfg.grounding_only_steps * cfg.grad_accum, localize=loc,
+                          localize_only=cfg.localize_steps * cfg.grad_accum)  # fmt: skip
     steps = None
     cfg_path = Path(cfg.data) / "config.yaml"
     if cfg_path.is_file():  # the env that replays image-less trajectories uses the folder's own settings

@@ -96,3 +96,30 @@ def parse_cli(
         default = load_yaml(cls, config_path)
     desc = description + "\n\n--config FILE: a YAML file of these fields (see configs/); flags below override it."
     return tyro.cli(cls, args=rest, default=default, prog=prog, description=desc, config=(tyro.conf.FlagConversionOff,))
+
+
+def expand_bool_flags(argv: Sequence[str], cls: type) -> list[str]:
+    """Accept bare ``--flag`` and ``--no-flag`` for the bool fields of dataclass ``cls`` (the shared parser wants
+    ``--flag True``): ``["--resume", "--out", "x"]`` -> ``["--resume", "True", "--out", "x"]``."""
+    bools = {f.name.replace("_", "-") for f in dataclasses.fields(cls) if f.type in (bool, "bool")}
+    out: list[str] = []
+    argv = list(argv)
+    for i, a in enumerate(argv):
+        key = a[2:] if a.startswith("--") else None
+        nxt = argv[i + 1] if i + 1 < len(argv) else None
+        if key is not None and key.replace("_", "-") in bools and (nxt is None or nxt.startswith("--")):
+            out += [a, "True"]
+        elif key is not None and key.startswith("no-") and key[3:].replace("_", "-") in bools:
+            out += ["--" + key[3:], "False"]
+        else:
+            out.append(a)
+    return out
+
+
+def train_argv(argv: Sequence[str], cls: type, default_config: str) -> list[str]:
+    """The arguments of a ``train`` command as ``parse_cli`` wants them: bare bool flags expanded
+    (:func:`expand_bool_flags`) and ``--config default_config`` in front when no ``--config`` is given."""
+    out = expand_bool_flags(argv, cls)
+    if not any(a == "--config" or a.startswith("--config=") for a in out):
+        out = ["--config", default_config, *out]
+    return out

@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence, Union
 
 import gymnasium as gym
 
-from agents.config import atomic_write_text, parse_cli
+from agents.config import atomic_write_text, expand_bool_flags, parse_cli
 from agents.metrics import compute_metrics
 from agents.policies import make_policy
 from agents.policies.base import Policy, SamplingParams
@@ -226,23 +226,6 @@ class EvalConfig:
     """Row label in the tables (None: the policy name)."""
 
 
-def _expand_bool_flags(argv: Sequence[str], cls: type) -> list[str]:
-    """Accept bare ``--flag`` and ``--no-flag`` for bool fields (the shared parser wants ``--flag True``)."""
-    bools = {f.name.replace("_", "-") for f in dataclasses.fields(cls) if f.type in (bool, "bool")}
-    out: list[str] = []
-    argv = list(argv)
-    for i, a in enumerate(argv):
-        key = a[2:] if a.startswith("--") else None
-        nxt = argv[i + 1] if i + 1 < len(argv) else None
-        if key is not None and key.replace("_", "-") in bools and (nxt is None or nxt.startswith("--")):
-            out += [a, "True"]
-        elif key is not None and key.startswith("no-") and key[3:].replace("_", "-") in bools:
-            out += ["--" + key[3:], "False"]
-        else:
-            out.append(a)
-    return out
-
-
 def _json_arg(text: str, flag: str) -> dict:
     try:
         value = json.loads(text)
@@ -255,7 +238,7 @@ def _json_arg(text: str, flag: str) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = parse_cli(EvalConfig, _expand_bool_flags(argv, EvalConfig), prog="python -m agents.evaluate",
+    cfg = parse_cli(EvalConfig, expand_bool_flags(argv, EvalConfig), prog="python -m agents.evaluate",
                     description=DESCRIPTION)
     policy_name = cfg.policy or ("vlm" if cfg.model else "oracle")
     kwargs = _json_arg(cfg.policy_kwargs, "--policy-kwargs")

@@ -23,7 +23,7 @@ from agents import distributed
 from agents.advantages import compute_advantages, zero_std_fraction
 from agents.checkpoint import (checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints,
                                save_checkpoint)
-from agents.config import parse_cli, save_yaml, to_dict
+from agents.config import parse_cli, to_dict, train_argv
 from agents.grpo_config import GRPOConfig
 from agents.grpo_setup import (build_policy, check_start_checkpoint, derive_seed, env_factory, group_trajectories,
                                gt_area_fraction, make_optimizer, make_scheduler, sample_prompts, seed_everything,
@@ -31,7 +31,7 @@ from agents.grpo_setup import (build_policy, check_start_checkpoint, derive_seed
 from agents.grpo_update import policy_update
 from agents.metrics import compute_metrics
 from agents.policies.base import SamplingParams
-from agents.run_logging import RunLogger, make_run_dir
+from agents.run_logging import RunLogger, prepare_run_dir
 from ivt_env.datasets.base import DatasetError
 from rollouts.collector import Collector
 
@@ -49,24 +49,7 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
     n_train = split_size(train_env)  # also fails fast on a missing dataset, before any run folder exists
     n_train = min(n_train, cfg.train_limit) if cfg.train_limit else n_train
     dist = distributed.init_distributed()
-    seed_everything(cfg.seed)  # same on every rank: identical model/LoRA init (also broadcast below)
-    run_dir = _prepare_run_dir(cfg, dist)
-
-    policy = build_policy(cfg)
-    params = list(policy.trainable_parameters())
-    distributed.broadcast_parameters(params)
-    optimizer = make_optimizer(params, cfg)
-    scheduler = make_scheduler(optimizer, cfg)
-    state: dict[str, Any] = {"iteration": 0, "best_val_reward": None, "best_iteration": None, "evals": []}
-    if cfg.resume:
-        state = _resume(cfg, run_dir, policy, optimizer, scheduler, dist)
-    else:
-        seed_everything(derive_seed(cfg.seed, dist.rank))
-    log = RunLogger(run_dir, enabled=dist.is_main)  # after _resume, which trims the log to the checkpoint
-    if dist.is_main and state["iteration"] == 0:
-        log.hparams(to_dict(cfg), {"eval/return_mean": 0.0, "eval/miou": 0.0})
-        log.text("config", "```\n" + (run_dir / "config.yaml").read_text() + "\n```")
-
+    run_dir, policy, optimizer, scheduler, state, log = _setup_run(cfg, dist)
     n_slots = cfg.rollout_batch or min(cfg.prompts_per_iter * cfg.group_size, 4 * cfg.group_size)
     collector = Collector(train_env, num_envs=n_slots)
     val = None
@@ -134,6 +117,27 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+def _setup_run(cfg: GRPOConfig, dist: distributed.DistInfo):
+    """Run folder, policy (identical on every rank), optimizer, schedule, state (restored by --resume), logger."""
+    seed_everything(cfg.seed)  # same on every rank: identical model/LoRA init (also broadcast below)
+    run_dir = prepare_run_dir(cfg, cfg.env_id, dist)
+    policy = build_policy(cfg)
+    params = list(policy.trainable_parameters())
+    distributed.broadcast_parameters(params)
+    optimizer = make_optimizer(params, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    state: dict[str, Any] = {"iteration": 0, "best_val_reward": None, "best_iteration": None, "evals": []}
+    if cfg.resume:
+        state = _resume(cfg, run_dir, policy, optimizer, scheduler, dist)
+    else:
+        seed_everything(derive_seed(cfg.seed, dist.rank))
+    log = RunLogger(run_dir, enabled=dist.is_main)  # after _resume, which trims the log to the checkpoint
+    if dist.is_main and state["iteration"] == 0:
+        log.hparams(to_dict(cfg), {"eval/return_mean": 0.0, "eval/miou": 0.0})
+        log.text("config", "```\n" + (run_dir / "config.yaml").read_text() + "\n```")
+    return run_dir, policy, optimizer, scheduler, state, log
+
+
 def _log_iteration(cfg, log, bar, dist, *, step, batch, rewards, stats, lr, times) -> None:
     """rollout/*, train/*, time/* scalars, trajectory strips, and the progress bar's numbers."""
     all_trajs = [t for part in distributed.gather_objects([strip_for_gather(t) for t in batch]) for t in part]
@@ -151,27 +155,6 @@ def _log_iteration(cfg, log, bar, dist, *, step, batch, rewards, stats, lr, time
         bar.set_postfix(R=f"{roll['return_mean']:.3f}", iou=f"{roll['iou_step'][-1]:.3f}",
                         imp=f"{roll['improve_rate']:.2f}", deg=f"{roll['degradation_rate']:.2f}",
                         fmt=f"{roll['format_rate']:.2f}", loss=f"{train_stats['loss']:.3f}")
-
-
-def _prepare_run_dir(cfg: GRPOConfig, dist: distributed.DistInfo) -> Path:
-    """--out DIR, or a fresh runs/{env}__{exp}__{seed}__{time} (chosen on rank 0); writes config.yaml."""
-    if cfg.out:
-        run_dir = Path(cfg.out)
-        if not cfg.resume and latest_checkpoint(run_dir) is not None:
-            raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
-                                  "or choose another --out")
-        if cfg.resume and latest_checkpoint(run_dir) is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}/checkpoints to continue from")
-    else:
-        run_dir = make_run_dir(cfg.runs_root, cfg.env_id, cfg.exp_name, cfg.seed) if dist.is_main else None
-    run_dir = Path(distributed.broadcast_object(str(run_dir) if run_dir else None))
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, run_dir / ("config.yaml" if not cfg.resume else "config.resume.yaml"))
-        if cfg.resume and not (run_dir / "config.yaml").exists():
-            save_yaml(cfg, run_dir / "config.yaml")
-    distributed.barrier()
-    return run_dir
 
 
 def _resume(cfg: GRPOConfig, run_dir: Path, policy: Any, optimizer: Any, scheduler: Any,
@@ -293,17 +276,6 @@ configs/{DEFAULT_CONFIG} is used. Under `torchrun --nproc_per_node K -m agents.g
 """
 
 
-def _normalise_argv(argv: Sequence[str]) -> list[str]:
-    """Default config when none is given; a bare ``--resume`` means ``--resume True``."""
-    out = list(argv)
-    for i, a in enumerate(out):
-        if a == "--resume" and (i + 1 == len(out) or out[i + 1].startswith("--")):
-            out[i] = "--resume=True"
-    if not any(a == "--config" or a.startswith("--config=") for a in out):
-        out = ["--config", DEFAULT_CONFIG, *out]
-    return out
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -312,7 +284,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv[0] != "train":
         print(f"unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    cfg = parse_cli(GRPOConfig, _normalise_argv(argv[1:]), prog=PROG, description=__doc__.split("\n\n")[0])
+    cfg = parse_cli(GRPOConfig, train_argv(argv[1:], GRPOConfig, DEFAULT_CONFIG), prog=PROG, description=__doc__.split("\n\n")[0])
     try:
         cfg.validate()
         summary = train(cfg)

@@ -69,6 +69,9 @@ class GRPOConfig:
     """Policy: a name of agents.policies.make_policy or 'pkg.mod:Class' (must be a TrainablePolicy)."""
     init_from: str = "assets/tiny-ivt-bc"
     """Checkpoint folder the policy starts from (the behaviour-cloned SFT model, as in the paper)."""
+    reference: str = "initial"
+    """KL reference policy: initial (the start checkpoint as loaded, i.e. the SFT policy, as in the paper: a frozen
+    copy of a loaded adapter, or of all weights when fully fine-tuning) | base (a loaded adapter's base model)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapter settings."""
     load_in_4bit: bool = False
@@ -167,6 +170,7 @@ class GRPOConfig:
             (self.lr_schedule in ("constant", "linear", "cosine"), "lr_schedule must be constant|linear|cosine"),
             (self.old_logprobs in ("recompute", "rollout"), "old_logprobs must be recompute|rollout"),
             (self.kl_estimator in ("abs", "k3"), "kl_estimator must be abs|k3"),
+            (self.reference in ("initial", "base"), "reference must be initial|base"),
             (self.aggregation in ("token_mean", "seq_mean", "seq_sum_norm"),
              "aggregation must be token_mean|seq_mean|seq_sum_norm"),
             (self.updates_per_iter == 1 or self.clip_eps is not None,

@@ -46,7 +46,7 @@ def build_policy(cfg: GRPOConfig) -> Any:
     if cfg.policy.lower() == "vlm":
         kwargs = dict(model=resolve_init_from(cfg.init_from), lora=lora_settings(cfg),
                       full_finetune=not cfg.lora.enabled, load_in_4bit=cfg.load_in_4bit, device=cfg.device,
-                      dtype=cfg.dtype)
+                      dtype=cfg.dtype, reference=cfg.reference)
     elif cfg.init_from:
         kwargs = dict(path=resolve_init_from(cfg.init_from))
     policy = make_policy(cfg.policy, **kwargs)

@@ -35,6 +35,37 @@ def make_run_dir(root: str | os.PathLike, env_id: str, exp: str, seed: int, when
     return path
 
 
+def prepare_run_dir(cfg: Any, env_id: str, dist: Any = None) -> Path:
+    """The run folder of a training config (fields ``out``, ``resume``, ``runs_root``, ``exp_name``, ``seed``):
+    ``--out DIR`` (which must hold a checkpoint exactly when resuming), else a fresh
+    ``runs/{env}__{exp}__{seed}__{time}``. Writes the config as ``config.yaml`` (``config.resume.yaml`` when
+    resuming). ``dist`` (:mod:`agents.distributed` info): rank 0 picks the folder and writes, every rank gets it."""
+    from agents import distributed
+    from agents.checkpoint import latest_checkpoint
+    from agents.config import save_yaml
+
+    is_main = dist is None or dist.is_main
+    if cfg.out:
+        run_dir = Path(cfg.out)
+        if not cfg.resume and latest_checkpoint(run_dir) is not None:
+            raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
+                                  "or choose another --out")
+        if cfg.resume and latest_checkpoint(run_dir) is None:
+            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}/checkpoints to continue from")
+    else:
+        run_dir = make_run_dir(cfg.runs_root, env_id, cfg.exp_name, cfg.seed) if is_main else None
+    if dist is not None:
+        run_dir = Path(distributed.broadcast_object(str(run_dir) if run_dir else None))
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, run_dir / ("config.resume.yaml" if cfg.resume else "config.yaml"))
+        if cfg.resume and not (run_dir / "config.yaml").exists():
+            save_yaml(cfg, run_dir / "config.yaml")
+    if dist is not None:
+        distributed.barrier()
+    return run_dir
+
+
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """Numeric leaves of a nested metrics dict as ``{prefix}{key}`` scalars.
 

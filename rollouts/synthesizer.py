@@ -16,7 +16,7 @@ from rollouts.starts import (
     perturbed_gt_box,
     scripted_student_box,
 )
-from rollouts.teacher import interpolate_boxes
+from rollouts.teacher import hold_fitting_boxes, interpolate_boxes
 from rollouts.types import Trajectory
 
 STAGES = ("kept", "invalid_start", "iou_below_min", "iou_above_max")
@@ -57,6 +57,11 @@ class SynthesizeConfig:
     """Keep samples whose start IoU is at least this (IVT: 0)."""
     iou_max: float = 0.85
     """... and at most this (IVT: 0.85; near-perfect starts leave nothing to correct)."""
+    keep_fitting: bool = False
+    """Once a box fits (IoU >= 0.85: the geometric teacher writes "Box fits. Keep it."), later steps keep it
+    unchanged instead of moving on to the exact GT (rollouts.teacher.hold_fitting_boxes). IVT interpolates all
+    the way; its filter iou_max 0.85 drops fitting starts anyway. Useful with iou_max > 0.85 for a student that
+    should learn to leave a good box alone."""
     teacher: str = "geometric"
     """Reasoning source: 'geometric' (offline, from the boxes) or 'vlm' (a teacher VLM sees each step's image)."""
     teacher_model: str = ""
@@ -247,6 +252,8 @@ class Synthesizer:
             s = self.dataset[r["index"]]
             gt = to_norm(s.gt_box, s.width, s.height)
             plans[r["sample_id"]] = interpolate_boxes(r["box_norm"], gt, cfg.steps)
+            if cfg.keep_fitting:
+                plans[r["sample_id"]] = hold_fitting_boxes(plans[r["sample_id"]], gt)
         teacher = PlannedTeacher(plans, verbosity=cfg.verbosity, reasoner=self.reasoner, seed=cfg.seed)
         trajs = self._collector(cfg.steps).collect(teacher, [r["index"] for r in kept], 1, SamplingParams(greedy=True),
                                                    seed=cfg.seed, keep_observations=keep_observations)

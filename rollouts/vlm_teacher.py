@@ -114,7 +114,7 @@ class VLMTeacher:
         inputs = {k: v.to(pol.device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
         if "mm_token_type_ids" not in inputs:  # Qwen3-VL's rope index reads the image token positions from it
             inputs["mm_token_type_ids"] = (inputs["input_ids"] == pol.layout.image_token_id).to(torch.int32)
-        with torch.no_grad(), pol._eval_mode():
+        with torch.no_grad(), pol.eval_mode():
             out = pol.hf_model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
                                         pad_token_id=pol.layout.pad_id)  # fmt: skip
         gen = out[:, inputs["input_ids"].shape[1]:]

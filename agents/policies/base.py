@@ -88,10 +88,12 @@ class TrainablePolicy(Policy):
         reference policy (LoRA adapter disabled, or a frozen copy), never with grad."""
         raise NotImplementedError
 
-    def bc_loss(self, trajectories: Sequence[Any]) -> tuple[Any, int]:
+    def bc_loss(self, trajectories: Sequence[Any], number_sigma: float = 0.0, clone_start: bool = True) -> tuple[Any, int]:
         """Mean cross-entropy over the tokens the model must generate (injected tokens labelled -100), and the
         number of such tokens. Trajectories may carry only texts (teacher data): the policy builds the
-        sequence exactly as at inference."""
+        sequence exactly as at inference. ``number_sigma`` > 0: soft Gaussian targets of that width on tokens
+        that are whole numbers (policies without such tokens may ignore it). ``clone_start=False``: step 0 of
+        trajectories with refinement steps is context, not a target."""
         raise NotImplementedError
 
     def trainable_parameters(self) -> list[Any]:

@@ -45,7 +45,14 @@ import torch
 from ivt_env.atomic import atomic_dir
 from agents.policies.base import PolicyOutput, SamplingParams, TokenLogprobs, TrainablePolicy
 from agents.policies.engine import LogitFilter, RolloutEngine
-from agents.policies.logprobs import IGNORE, EncodedTrajectory, ImageResolver, encode_trajectory, teacher_forced
+from agents.policies.logprobs import (
+    IGNORE,
+    EncodedTrajectory,
+    ImageResolver,
+    NumberSmoothing,
+    encode_trajectory,
+    teacher_forced,
+)
 from agents.policies.vlm_processor import load_processor
 from agents.policies.vlm_setup import (
     LoraSettings,
@@ -66,7 +73,7 @@ class VLMPolicy(TrainablePolicy):
 
     def __init__(self, model: Any, processor: Any, prompts: PromptConfig, *, base_path: str, lora: bool,
                  full_finetune: bool, load_in_4bit: bool, image_resolver: Optional[ImageResolver] = None,
-                 reference_adapter: Optional[str] = None) -> None:  # fmt: skip
+                 reference_adapter: Optional[str] = None, reference: str = "initial") -> None:  # fmt: skip
         self.model = model  # the peft model when LoRA is on, else the transformers model
         self.hf_model = model.get_base_model() if lora else model  # *ForConditionalGeneration (LoRA layers inside)
         self.processor = processor
@@ -82,8 +89,9 @@ class VLMPolicy(TrainablePolicy):
         self.layout = PromptLayout(processor, prompts, self.model_type)
         self.logit_filter = LogitFilter(len(self.tokenizer), self.layout.placeholder_ids)
         self.engine = RolloutEngine(self.hf_model, self.layout, self.logit_filter)
+        self.reference = reference  # initial | base | none (see from_pretrained)
         self.ref_model = None
-        if full_finetune:  # the frozen reference is the weights as loaded (e.g. the SFT checkpoint)
+        if full_finetune and reference != "none":  # frozen reference = the weights as loaded (e.g. the SFT model)
             self.ref_model = copy.deepcopy(self.hf_model).eval().requires_grad_(False)
         self.training = False
         self.model.eval()
@@ -112,7 +120,8 @@ class VLMPolicy(TrainablePolicy):
         :class:`PromptConfig`, a YAML path, or None (the folder's ``prompts.yaml`` if saved there, else
         ``configs/prompts.yaml``). ``device``/``dtype``: default CUDA + bf16
         when available, else CPU + float32. ``seed`` seeds sampling. ``reference``: "initial" (the policy as
-        loaded, see the module docstring) or "base" (a loaded adapter's reference is the base model).
+        loaded, see the module docstring), "base" (a loaded adapter's reference is the base model) or "none" (no
+        reference: behaviour cloning needs none, and full fine-tuning then keeps no frozen copy of the weights).
         ``image_resolver(traj) -> image``: where text-only trajectories get their original image.
         """
         from transformers import AutoModelForImageTextToText
@@ -120,8 +129,8 @@ class VLMPolicy(TrainablePolicy):
         path = str(path)
         if isinstance(lora, Mapping):
             lora = LoraSettings(**lora)
-        if reference not in ("initial", "base"):
-            raise ValueError(f"reference must be 'initial' or 'base', got {reference!r}")
+        if reference not in ("initial", "base", "none"):
+            raise ValueError(f"reference must be 'initial', 'base' or 'none', got {reference!r}")
         dev = default_device(device)
         torch_dtype = resolve_dtype(dtype, dev)
         info: dict[str, Any] = {}
@@ -181,7 +190,8 @@ class VLMPolicy(TrainablePolicy):
             disable_bnb_cpu_bf16_repack(model)
         policy = cls(model, processor, load_prompts(prompts), base_path=str(base), lora=uses_lora,
                      full_finetune=full_finetune, load_in_4bit=load_in_4bit, image_resolver=image_resolver,
-                     reference_adapter=REFERENCE_ADAPTER if adapter and reference == "initial" else None)  # fmt: skip
+                     reference_adapter=REFERENCE_ADAPTER if adapter and reference == "initial" else None,
+                     reference=reference)  # fmt: skip
         policy.seed(seed)
         return policy
 
@@ -203,7 +213,8 @@ class VLMPolicy(TrainablePolicy):
         self.engine.seed(seed)
 
     @contextlib.contextmanager
-    def _eval_mode(self):
+    def eval_mode(self):
+        """Inside: the model in eval mode (no dropout), restored afterwards (for forwards outside act())."""
         was = self.model.training
         self.model.eval()
         try:
@@ -227,7 +238,7 @@ class VLMPolicy(TrainablePolicy):
                 raise ValueError(f"VLMPolicy.act: observation {i} is at step {t} but its history has {len(h)} steps")
         images = [o["image"] for o in observations]
         temp = sampling.temperature(t)
-        with self._eval_mode():
+        with self.eval_mode():
             if t == 0:
                 res = self.engine.start(images, [str(o["expression"]) for o in observations], temp,
                                         sampling.max_new_tokens, sampling.stop_at_box)  # fmt: skip
@@ -288,20 +299,37 @@ class VLMPolicy(TrainablePolicy):
     ) -> TokenLogprobs:
         """Teacher-forced log-probs and entropies of the generated tokens (B, G), right-padded, with ``mask``.
         ``reference=True``: the frozen reference (adapter disabled / frozen copy), never with grad."""
+        if reference and self.reference == "none":
+            raise ValueError("token_logprobs(reference=True): this policy was loaded with reference='none' (no "
+                             "frozen reference); load it with reference='initial' or 'base' for a KL term")
         encoded = [self.encode_trajectory(t) for t in trajectories]
         if reference:
             model = self.ref_model if self.ref_model is not None else self.hf_model
-            with torch.no_grad(), self._reference_context(), self._eval_mode():
+            with torch.no_grad(), self._reference_context(), self.eval_mode():
                 lp, ent, mask = teacher_forced(model, encoded, self.layout.pad_id, self.logit_filter)
         else:
             with torch.set_grad_enabled(grad):
                 lp, ent, mask = teacher_forced(self.hf_model, encoded, self.layout.pad_id, self.logit_filter)
         return TokenLogprobs(logprobs=lp, entropy=ent, mask=mask)
 
-    def bc_loss(self, trajectories: Sequence[Any]) -> tuple[torch.Tensor, int]:
-        """Mean cross-entropy over the generated tokens of ``trajectories`` and their count."""
+    def bc_loss(self, trajectories: Sequence[Any], number_sigma: float = 0.0,
+                clone_start: bool = True) -> tuple[torch.Tensor, int]:  # fmt: skip
+        """Mean cross-entropy over the generated tokens of ``trajectories`` and their count. ``number_sigma`` > 0:
+        whole-number tokens get Gaussian soft targets of that width (:class:`.logprobs.NumberSmoothing`).
+        ``clone_start=False``: step 0 of a trajectory WITH refinement steps is context only (labels -100), e.g.
+        when a scripted student wrote it and it is not the model's own answer; single-step samples still train."""
         encoded = [self.encode_trajectory(t) for t in trajectories]
-        lp, _, mask = teacher_forced(self.hf_model, encoded, self.layout.pad_id, self.logit_filter, entropy=False)
+        if not clone_start:
+            for e in encoded:
+                if int(e.step_index.max()) > 0:
+                    e.labels[e.step_index == 0] = IGNORE
+        smoothing = None
+        if number_sigma > 0:
+            if getattr(self, "_smoothing", None) is None or self._smoothing.sigma != number_sigma:
+                self._smoothing = NumberSmoothing(self.tokenizer, number_sigma)
+            smoothing = self._smoothing
+        lp, _, mask = teacher_forced(self.hf_model, encoded, self.layout.pad_id, self.logit_filter, entropy=False,
+                                     smoothing=smoothing)  # fmt: skip
         n = int(mask.sum())
         if n == 0:
             raise ValueError("bc_loss: the trajectories hold no generated tokens")

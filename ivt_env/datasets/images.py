@@ -21,7 +21,6 @@ from typing import Callable, Optional, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .base import DatasetError
 
 ORIENTATION_TAG = 0x0112
 #: EXIF orientations whose upright image has width and height swapped.

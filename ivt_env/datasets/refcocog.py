@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import io
 import json
 import os
 import pickle

@@ -17,6 +17,27 @@ from rollouts.synthesize import SynthesizeConfig, make_env, run
 IGNORE = -100
 
 
+def test_cpu_default_recipe_options_train(tmp_path):
+    """The CPU default's options together (one-object warm-up, grounding phase, trajectories with a masked scripted
+    step 0 and held fitting boxes, Gaussian number targets): the run completes and every phase trains."""
+    from agents.policies.vlm import VLMPolicy
+
+    cfg = _cfg(tmp_path / "run", batch_size=4, max_steps=6, localize_steps=2, grounding_only_steps=4,
+               grounding_mix=0.5, number_sigma=20.0, clone_start=False, number_init="sinusoidal",
+               synth=_synth(iou_max=1.0, keep_fitting=True))  # fmt: skip
+    assert train(cfg)["steps"] == 6
+    base = VLMPolicy.from_pretrained(str(tmp_path / "run" / "base"))
+    final = VLMPolicy.from_pretrained(str(tmp_path / "run" / "final"))
+    p0 = dict(base.hf_model.named_parameters())
+    assert sum(not torch.equal(p, p0[n]) for n, p in final.hf_model.named_parameters()) > 0.9 * len(p0)
+    rec = [json.loads(x) for x in (tmp_path / "run" / "scalars.jsonl").read_text().splitlines()]
+    tokens = [r["train/tokens"] for r in rec if "train/tokens" in r]
+    per_step = [b - a for a, b in zip([0.0] + tokens, tokens)]
+    # single-step samples: about 19 answer tokens each; steps 5-6 hold two 3-step trajectories whose step 0 is
+    # masked, i.e. two refinement answers each instead of three
+    assert all(60 <= n <= 90 for n in per_step[:4]) and all(n > per_step[0] for n in per_step[4:])
+
+
 def _synth(**kw):
     base = dict(env="IVT-Synthetic-v0", steps=2, student="scripted", verbosity=0, batch_size=8, progress=False)
     base.update(kw)
@@ -170,6 +191,21 @@ def test_online_data_grounding_mix_and_determinism(tmp_path):
     again = build_data(cfg).batch(2)  # a fresh loader (a resumed run) draws the same batch
     assert [t.sample_id for t in again] == [t.sample_id for t in mixed]
     assert [s.text for t in again for s in t.steps] == [s.text for t in mixed for s in t.steps]
+
+
+def test_online_data_localize_warmup(tmp_path):
+    """The first localize_steps draw single-step samples of one-object scenes, then the usual 2-4 objects."""
+    cfg = _cfg(tmp_path, batch_size=4, grad_accum=1, grounding_mix=0.5, grounding_only_steps=2, localize_steps=1,
+               max_steps=3)  # fmt: skip
+    data = build_data(cfg)
+    first, second = data.batch(0), data.batch(1)
+    assert [len(t.steps) for t in first + second] == [1] * 8
+    assert all(len(data.localize.dataset[int(t.meta["index"])].meta["objects"]) == 1 for t in first)
+    assert all(t.steps[0].iou > 0.97 for t in first)
+    n_objects = [len(data.syn.dataset[int(t.meta["index"])].meta["objects"]) for t in second]
+    assert min(n_objects) >= 2  # the grounding phase's scenes are the configured 2-4 objects
+    with pytest.raises(ValueError, match="localize_steps"):
+        BCConfig(data=str(tmp_path), localize_steps=1).validate()
 
 
 def test_schedule_stable_phase_before_decay():

@@ -2,7 +2,6 @@
 like an uninterrupted one; the CLI lists every field and fails clearly without a start checkpoint."""
 
 import dataclasses
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -146,5 +145,7 @@ def test_missing_start_checkpoint_and_resume_errors(tiny_model, tmp_path):
         grpo.train(GRPOConfig(init_from=tiny_model, out=str(tmp_path / "r2"), resume=True, progress=False))
     with pytest.raises(ValueError, match="clip_eps"):
         grpo.train(GRPOConfig(updates_per_iter=2))
-    assert grpo._normalise_argv(["--resume", "--out", "x"]) == ["--config", "grpo_cpu.yaml", "--resume=True",
-                                                                "--out", "x"]
+    from agents.config import train_argv
+
+    assert train_argv(["--resume", "--out", "x"], GRPOConfig, "grpo_cpu.yaml") == [
+        "--config", "grpo_cpu.yaml", "--resume", "True", "--out", "x"]  # fmt: skip

@@ -126,3 +126,19 @@ def test_vocabulary_is_small():
     words = {w.strip(".,").lower() for line in teacher_corpus(0) for w in line.split()}
     assert len(words) <= 40
     assert {"left", "right", "up", "down", "wrong", "object", "fits", "large", "small"} <= words
+
+
+def test_hold_fitting_boxes_by_hand():
+    from rollouts.teacher import hold_fitting_boxes
+
+    gt = [120, 100, 220, 200]
+    plan = interpolate_boxes([110, 100, 210, 200], gt, 2)  # x1: 110, 115, 120
+    assert [b[0] for b in plan] == [110, 115, 120]
+    # equal-size boxes shifted by d: IoU (100 - d) / (100 + d). Start: 90/110 = 0.82 (off); box 1: 95/105 = 0.905
+    # (fits): box 2 stays box 1 instead of creeping on to the GT
+    held = hold_fitting_boxes(plan, gt)
+    assert held == [[110, 100, 210, 200], [115, 100, 215, 200], [115, 100, 215, 200]]
+    far = interpolate_boxes([0, 0, 100, 100], [500, 500, 600, 600], 2)
+    assert hold_fitting_boxes(far, [500, 500, 600, 600]) == far  # nothing fits before the end: unchanged
+    texts = teacher_step_texts(held, gt, "the blue circle")
+    assert all("Keep it" in t for t in texts[2:]) and "Keep it" not in texts[1]

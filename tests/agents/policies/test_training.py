@@ -215,3 +215,59 @@ def test_qwen25_policy_runs_an_episode(tiny_q25):
         assert torch.allclose(tl.logprobs[i][tl.mask[i]], want, atol=1e-4)
         assert tr.steps[0].injected_ids.count(pol.layout.image_token_id) == 25
     assert np.isfinite(tl.entropy[tl.mask].numpy()).all()
+
+
+# ------------------------------------------------------------------------------ BC loss options
+def test_number_smoothing_targets_by_hand():
+    from agents.policies.logprobs import NumberSmoothing
+    from agents.policies.tiny import load_tiny_tokenizer
+
+    tok = load_tiny_tokenizer()
+    sm = NumberSmoothing(tok, sigma=2.0)
+    assert len(sm) == 1001
+    V = len(tok)
+    n500, n501, n503 = (tok.convert_tokens_to_ids(str(n)) for n in (500, 501, 503))
+    word = tok.convert_tokens_to_ids("<think>")
+    target = torch.tensor([n500, n500, n500, word])
+    # the soft loss is linear in the log-probs: a unit vector on token j reads off the target weight q(j)
+    probe = torch.zeros(4, V)
+    probe[0, n500], probe[1, n501], probe[2, n503], probe[3, word] = 1.0, 1.0, 1.0, 1.0
+    q = sm(target, probe)
+    z = sum(np.exp(-0.5 * (d / 2.0) ** 2) for d in range(-500, 501))  # normaliser over the values 0..1000
+    assert q[0].item() == pytest.approx(1.0 / z, rel=1e-5)
+    assert q[1].item() == pytest.approx(np.exp(-0.125) / z, rel=1e-5)  # one unit off: exp(-1/8)
+    assert q[2].item() == pytest.approx(np.exp(-1.125) / z, rel=1e-5)  # three units off: exp(-9/8)
+    assert q[3].item() == 1.0  # a word target keeps the plain log-prob
+    logp = torch.log_softmax(torch.randn(4, V), dim=-1)
+    exact = logp.gather(1, target[:, None]).squeeze(1)
+    tight = NumberSmoothing(tok, sigma=1e-3)(target, logp)
+    assert torch.allclose(tight, exact, atol=1e-6)  # a vanishing width is the one-hot cross-entropy
+
+
+def test_bc_loss_options(tiny_q3):
+    """clone_start=False masks step 0 of a multi-step trajectory only; number_sigma softens number targets."""
+    pol = VLMPolicy.from_pretrained(tiny_q3, device="cpu")
+    traj = teacher_traj()
+    single = Trajectory("g", "synthetic", "the blue circle", [20, 26, 59, 78], 128, 128,
+                        steps=[teacher_traj().steps[0]], meta={"image": rand_image(1)})  # fmt: skip
+    enc = pol.encode_trajectory(traj)
+    n_all, n_first = enc.n_generated, int(((enc.labels != -100) & (enc.step_index == 0)).sum())
+    n_single = pol.encode_trajectory(single).n_generated
+    with torch.no_grad():
+        _, n = pol.bc_loss([traj, single])
+        _, n_masked = pol.bc_loss([traj, single], clone_start=False)
+        plain, _ = pol.bc_loss([traj])
+        soft, _ = pol.bc_loss([traj], number_sigma=30.0)
+    assert n == n_all + n_single and n_masked == n_all - n_first + n_single
+    assert n_first > 0 and soft.item() != pytest.approx(plain.item(), abs=1e-3)
+
+
+def test_reference_none_keeps_no_copy(tiny_q3):
+    """Behaviour cloning loads with reference='none': no frozen copy of the weights, and asking for reference
+    log-probs is an error instead of silently using the trained weights."""
+    pol = VLMPolicy.from_pretrained(tiny_q3, device="cpu", full_finetune=True, reference="none")
+    assert pol.ref_model is None and pol.trainable_parameters()
+    with pytest.raises(ValueError, match="reference='none'"):
+        pol.token_logprobs([teacher_traj()], reference=True)
+    with pytest.raises(ValueError, match="reference must be"):
+        VLMPolicy.from_pretrained(tiny_q3, device="cpu", reference="frozen")
