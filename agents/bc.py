@@ -42,7 +42,7 @@ from agents.checkpoint import (
     read_state,
     save_checkpoint,
 )
-from agents.config import atomic_write_text, parse_cli, to_dict, train_argv
+from agents.config import atomic_write_text, parse_train_command, to_dict
 from agents.policies.base import SamplingParams
 from agents.run_logging import RunLogger, prepare_run_dir
 
@@ -246,14 +246,10 @@ configs/bc_paper.yaml.
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    if argv[0] != "train":
-        print(f"unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
-        return 2
-    cfg = parse_cli(BCConfig, train_argv(argv[1:], BCConfig, DEFAULT_CONFIG), prog=PROG, description=__doc__.split("\n\n")[0])
+    cfg = parse_train_command(argv, BCConfig, default_config=DEFAULT_CONFIG, prog=PROG, usage=USAGE,
+                              description=__doc__.split("\n\n")[0])  # fmt: skip
+    if isinstance(cfg, int):
+        return cfg
     summary = train(cfg)
     print(json.dumps(summary, indent=2))
     return 0

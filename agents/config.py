@@ -123,3 +123,17 @@ def train_argv(argv: Sequence[str], cls: type, default_config: str) -> list[str]
     if not any(a == "--config" or a.startswith("--config=") for a in out):
         out = ["--config", default_config, *out]
     return out
+
+
+def parse_train_command(argv: Optional[Sequence[str]], cls: Type[T], *, default_config: str, prog: str, usage: str,
+                        description: str) -> "T | int":  # fmt: skip
+    """``python -m PKG train [--config FILE] [--FIELD VALUE ...]`` (argv None: ``sys.argv[1:]``): the parsed config,
+    or the exit code to return after printing the usage (no command, ``--help``, an unknown command)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return 0 if argv else 2
+    if argv[0] != "train":
+        print(f"unknown command {argv[0]!r}\n\n{usage}", file=sys.stderr)
+        return 2
+    return parse_cli(cls, train_argv(argv[1:], cls, default_config), prog=prog, description=description)

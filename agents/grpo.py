@@ -23,7 +23,7 @@ from agents import distributed
 from agents.advantages import compute_advantages, zero_std_fraction
 from agents.checkpoint import (checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints,
                                save_checkpoint)
-from agents.config import parse_cli, to_dict, train_argv
+from agents.config import parse_train_command, to_dict
 from agents.grpo_config import GRPOConfig
 from agents.grpo_setup import (build_policy, check_start_checkpoint, derive_seed, env_factory, group_trajectories,
                                gt_area_fraction, make_optimizer, make_scheduler, sample_prompts, seed_everything,
@@ -277,14 +277,10 @@ configs/{DEFAULT_CONFIG} is used. Under `torchrun --nproc_per_node K -m agents.g
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return 0 if argv else 2
-    if argv[0] != "train":
-        print(f"unknown command {argv[0]!r}\n\n{USAGE}", file=sys.stderr)
-        return 2
-    cfg = parse_cli(GRPOConfig, train_argv(argv[1:], GRPOConfig, DEFAULT_CONFIG), prog=PROG, description=__doc__.split("\n\n")[0])
+    cfg = parse_train_command(argv, GRPOConfig, default_config=DEFAULT_CONFIG, prog=PROG, usage=USAGE,
+                              description=__doc__.split("\n\n")[0])  # fmt: skip
+    if isinstance(cfg, int):
+        return cfg
     try:
         cfg.validate()
         summary = train(cfg)
