@@ -90,6 +90,7 @@ class VLMPolicy(TrainablePolicy):
         self.logit_filter = LogitFilter(len(self.tokenizer), self.layout.placeholder_ids)
         self.engine = RolloutEngine(self.hf_model, self.layout, self.logit_filter)
         self.reference = reference  # initial | base | none (see from_pretrained)
+        self._smoothing: Optional[NumberSmoothing] = None  # bc_loss's soft number targets, built on first use
         self.ref_model = None
         if full_finetune and reference != "none":  # frozen reference = the weights as loaded (e.g. the SFT model)
             self.ref_model = copy.deepcopy(self.hf_model).eval().requires_grad_(False)
@@ -325,7 +326,7 @@ class VLMPolicy(TrainablePolicy):
                     e.labels[e.step_index == 0] = IGNORE
         smoothing = None
         if number_sigma > 0:
-            if getattr(self, "_smoothing", None) is None or self._smoothing.sigma != number_sigma:
+            if self._smoothing is None or self._smoothing.sigma != number_sigma:
                 self._smoothing = NumberSmoothing(self.tokenizer, number_sigma)
             smoothing = self._smoothing
         lp, _, mask = teacher_forced(self.hf_model, encoded, self.layout.pad_id, self.logit_filter, entropy=False,
