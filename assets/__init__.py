@@ -1,3 +1,3 @@
 """Shipped model folders (``tiny-ivt-bc``: the behaviour-cloned tiny Qwen3-VL that GRPO's CPU default starts from),
 installed with the package so that ``init_from: assets/tiny-ivt-bc`` resolves from a non-editable install too
-(agents.grpo_setup.resolve_init_from)."""
+(agents.grpo.setup.resolve_init_from)."""

@@ -37,12 +37,12 @@ QWEN3VL_4B_TEXT = dict(
     head_dim=128, vocab_size=151936, max_position_embeddings=262144, rms_norm_eps=1e-6,
     rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
                      "mrope_interleaved": True},
-)  # fmt: skip
+)
 QWEN3VL_4B_VISION = dict(
     depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2560, patch_size=16,
     spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304, deepstack_visual_indexes=[5, 11, 17],
     hidden_act="gelu_pytorch_tanh",
-)  # fmt: skip
+)
 
 
 def build_random_4b(out_dir: Path, device: str, overrides: dict) -> Path:
@@ -64,7 +64,7 @@ def build_random_4b(out_dir: Path, device: str, overrides: dict) -> Path:
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
-    )  # fmt: skip
+    )
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(str(out_dir))
@@ -96,7 +96,7 @@ def naive_rollouts(policy, images, expressions, steps, new_tokens, temps):
                 do_sample=True, temperature=temps[t], top_k=0, top_p=1.0, max_new_tokens=new_tokens,
                 min_new_tokens=new_tokens, pad_token_id=layout.pad_id,
                 suppress_tokens=layout.placeholder_ids,
-            )  # fmt: skip
+            )
             gen = out[0, x.shape[1]:].tolist()
             n_tok += len(gen)
             ids += gen
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lora-rank", type=int, default=0, help="add a LoRA adapter of this rank (alpha = 2 rank)")
     ap.add_argument("--naive-trajectories", type=int, default=0,
                     help="run the naive baseline on only this many trajectories and scale its time to all "
-                         "(0: all; for slow GPU-sized runs)")  # fmt: skip
+                         "(0: all; for slow GPU-sized runs)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=INT",
                     help="shrink the qwen3vl-4b shape for smoke tests, e.g. num_hidden_layers=1 vision_depth=1")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
             model_path = str(build_random_4b(out, "cpu" if device.type == "cpu" else str(device), overrides))
     lora = LoraSettings(rank=args.lora_rank, alpha=2 * args.lora_rank) if args.lora_rank else None
     policy = VLMPolicy.from_pretrained(model_path, lora=lora, load_in_4bit=args.load_in_4bit, device=str(device),
-                                       dtype=args.dtype, seed=args.seed)  # fmt: skip
+                                       dtype=args.dtype, seed=args.seed)
     rs = np.random.RandomState(args.seed)
     base_imgs = [rs.randint(0, 255, (args.image_size, args.image_size, 3), dtype=np.uint8) for _ in range(args.groups)]
     images = [im for im in base_imgs for _ in range(args.group_size)]

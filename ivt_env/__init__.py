@@ -14,7 +14,7 @@ id                     dataset      note
 =====================  ===========  =============================================================
 
 Keyword arguments (``gym.make(id, split=..., max_refine_steps=..., reward_fn=..., data_root=..., ...)``) are those
-of :class:`ivt_env.env.GroundingRefineEnv`.
+of :class:`ivt_env.env.GroundingRefineEnv`. :func:`make_env` is the thunk builder every command of the project uses.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ ENV_DATASETS = {
     "IVT-RefL4-v0": "refl4",
     "IVT-Mix-v0": "mix",
 }
+
+from ivt_env.make import load_env_dataset, make_env  # noqa: E402  (after ENV_DATASETS, which it reads)
 
 for _env_id, _dataset in ENV_DATASETS.items():
     if _env_id not in registry:
@@ -58,6 +60,8 @@ __all__ = [
     "giou",
     "iou",
     "ivt_reward",
+    "load_env_dataset",
+    "make_env",
     "parse_box",
     "register_reward",
     "to_norm",

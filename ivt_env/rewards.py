@@ -18,9 +18,10 @@ import path also works (a class there is instantiated with no arguments).
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence, Union
+
+from ivt_env.registries import Registry
 
 RewardFn = Callable[..., float]
 
@@ -128,53 +129,38 @@ class ShapedReward:
         return asdict(self)
 
 
-REWARDS: dict[str, RewardFn] = {
-    "ivt": ivt_reward,
-    "dense": dense_iou_improvement,
-    "iou": vlm_r1_iou,
-    "sifthinker": sifthinker_reward,
-    "shaped": ShapedReward(),
-}
+REWARDS: Registry[RewardFn] = Registry("reward")
+REWARDS.register("ivt", ivt_reward)
+REWARDS.register("dense", dense_iou_improvement)
+REWARDS.register("iou", vlm_r1_iou)
+REWARDS.register("sifthinker", sifthinker_reward)
+REWARDS.register("shaped", ShapedReward())
 
 
-def register_reward(name: str, fn: RewardFn) -> None:
-    """Add a named reward (e.g. from a plug-in module) so envs can take ``reward_fn=name``."""
-    if not callable(fn):
-        raise TypeError(f"reward {name!r} must be callable, got {type(fn).__name__}")
-    REWARDS[name] = fn
+def register_reward(name: str, fn: Optional[RewardFn] = None):
+    """Add a named reward (e.g. from a plug-in module) so envs can take ``reward_fn=name``; also a decorator:
+    ``@register_reward("mine")``."""
+    return REWARDS.register(name, fn)
 
 
 def get_reward(spec: Union[str, RewardFn, None] = None) -> RewardFn:
-    """A reward callable from ``None`` (IVT Eq. 3), a callable, a registered name or ``"pkg.module:attr"``."""
+    """A reward callable from ``None`` (IVT Eq. 3), a callable, a registered name or ``"pkg.module:attr"`` (a class
+    there is instantiated with no arguments)."""
     if spec is None:
         return ivt_reward
     if callable(spec):
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"reward_fn must be None, a callable, a name or 'pkg.module:attr', got {type(spec).__name__}")
-    if spec in REWARDS:
-        return REWARDS[spec]
-    if ":" not in spec:
-        raise ValueError(f"unknown reward {spec!r}: use one of {sorted(REWARDS)} or an import path 'pkg.module:attr'")
-    module_name, _, attr = spec.partition(":")
-    try:
-        obj = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot load reward {spec!r}: {exc}") from exc
-    if isinstance(obj, type):
-        obj = obj()
-    if not callable(obj):
-        raise TypeError(f"reward {spec!r} resolves to a non-callable {type(obj).__name__}")
-    return obj
+    obj = REWARDS.get(spec)
+    return obj() if isinstance(obj, type) else obj
 
 
 def reward_name(fn: Optional[RewardFn]) -> str:
     """A readable name for logs: the registry name when there is one, else ``module:qualname``."""
-    for name, registered in REWARDS.items():
-        if registered is fn or (fn is not None and registered == fn):
-            return name
+    name = REWARDS.name_of(fn) if fn is not None else None
+    if name is not None:
+        return name
     if fn is None:
         return "ivt"
     mod, qual = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None) or type(fn).__qualname__

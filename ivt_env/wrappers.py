@@ -18,33 +18,40 @@ import gymnasium as gym
 from ivt_env.rewards import RewardFn, get_reward, reward_name
 
 
-class ShapedRewardWrapper(gym.RewardWrapper):
+class ShapedRewardWrapper(gym.Wrapper):
     """Adds ``scale * shaping(ious, valids, step=..., max_steps=...)`` to the env's reward.
 
     ``shaping`` is any reward callable or name (:func:`ivt_env.rewards.get_reward`). The inner env's reward is kept
-    in ``info["base_reward"]`` and the added term in ``info["shaping_reward"]``.
+    in ``info["base_reward"]`` and the added term in ``info["shaping_reward"]``. A plain ``gym.Wrapper`` (not a
+    ``RewardWrapper``, whose ``reward(r)`` sees only the reward): the shaping reads the step's IoUs from ``info``
+    and adds keys to it.
+
+    >>> import ivt_env
+    >>> env = ShapedRewardWrapper(gym.make("IVT-Synthetic-v0", max_refine_steps=1), shaping="dense", scale=0.5)
+    >>> _ = env.reset(seed=0)
+    >>> _, r, _, _, info = env.step("[0, 0, 1000, 1000]")
+    >>> r == info["base_reward"] + info["shaping_reward"]
+    True
+    >>> info["shaping_reward"] == 0.5 * ivt_env.get_reward("dense")(info["ious"], info["valids"], step=0, max_steps=1)
+    True
     """
 
     def __init__(self, env: gym.Env, shaping: Union[str, RewardFn] = "shaped", scale: float = 1.0):
         super().__init__(env)
         self.shaping = get_reward(shaping)
         self.scale = float(scale)
-        self._info: Optional[dict[str, Any]] = None
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
-        self._info = info
-        shaped = self.reward(reward)
-        info = dict(info, base_reward=float(reward), shaping_reward=shaped - float(reward))
-        return obs, shaped, terminated, truncated, info
+        extra = self.shaping_reward(info)
+        info = dict(info, base_reward=float(reward), shaping_reward=extra)
+        return obs, float(reward) + extra, terminated, truncated, info
 
-    def reward(self, reward: float) -> float:
-        info = self._info
-        if info is None:
-            raise RuntimeError("ShapedRewardWrapper.reward needs the step's info: call step()")
+    def shaping_reward(self, info: dict[str, Any]) -> float:
+        """``scale * shaping(...)`` for the step ``info`` describes."""
         T = info.get("max_steps", self.env.unwrapped.max_refine_steps)
         extra = self.shaping(list(info["ious"]), list(info["valids"]), step=info["step"], max_steps=T)
-        return float(reward) + self.scale * float(extra)
+        return self.scale * float(extra)
 
     def __repr__(self) -> str:
         return f"<ShapedRewardWrapper{self.env} shaping={reward_name(self.shaping)} scale={self.scale}>"
@@ -55,7 +62,16 @@ class RecordStepIoUs(gym.Wrapper):
 
     At the end of an episode ``info["episode"] = {"ious", "valids", "return", "length", "sample_id", "delta"}``
     (``delta`` = final IoU minus step-0 IoU, the quantity behind the paper's improve / stagnate / degrade rates),
-    and the record is appended to :attr:`history` (the last ``maxlen`` episodes).
+    and the record is appended to :attr:`history` (the last ``maxlen`` episodes). Like Gymnasium's
+    ``RecordEpisodeStatistics`` it only adds to ``info``, hence a plain ``gym.Wrapper``.
+
+    >>> import ivt_env
+    >>> env = RecordStepIoUs(gym.make("IVT-Synthetic-v0", max_refine_steps=1))
+    >>> _ = env.reset(seed=0)
+    >>> _ = env.step("[0, 0, 10, 10]")
+    >>> *_, info = env.step("[0, 0, 1000, 1000]")
+    >>> info["episode"]["length"], len(env.history)
+    (2, 1)
     """
 
     def __init__(self, env: gym.Env, maxlen: int = 1000):

@@ -1,6 +1,6 @@
-"""Trajectories: their dataclasses, the group collector and JSONL storage (teacher data lives here too).
+"""What moves trajectories: the policy contract, the group collector, trajectory dataclasses, storage, replay.
 
-Names are imported lazily, so ``import rollouts.teacher`` does not pull in gymnasium or PIL.
+Names are imported lazily, so ``import rollouts.types`` does not pull in gymnasium or PIL.
 """
 
 from __future__ import annotations
@@ -9,6 +9,9 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "Policy": "rollouts.policy",
+    "PolicyOutput": "rollouts.policy",
+    "SamplingParams": "rollouts.policy",
     "Step": "rollouts.types",
     "Trajectory": "rollouts.types",
     "Collector": "rollouts.collector",

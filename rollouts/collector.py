@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import gymnasium as gym
 import numpy as np
 
-from agents.policies.base import Policy, PolicyOutput, SamplingParams
+from rollouts.policy import Policy, PolicyOutput, SamplingParams
 from rollouts.types import Step, Trajectory
 
 EnvSource = Union[gym.Env, gym.vector.VectorEnv, Sequence[gym.Env], Callable[[], gym.Env], str]
@@ -78,6 +78,12 @@ class _ListSlots:
     def step(self, actions: dict[int, str]) -> dict[int, tuple]:
         return {slot: self.envs[slot].step(text) for slot, text in actions.items()}
 
+    def local_env(self) -> Optional[gym.Env]:
+        return self.envs[0]
+
+    def dataset_size(self) -> Optional[int]:
+        return _len_or_none(getattr(self.envs[0].unwrapped, "dataset", None))
+
     def close(self) -> None:
         if self.owned:
             for env in self.envs:
@@ -121,8 +127,24 @@ class _VectorSlots:
         return {s: (_unbatch_obs(obs, s), float(rew[s]), bool(term[s]), bool(trunc[s]), unbatch_info(info, s))
                 for s in actions}
 
+    def local_env(self) -> Optional[gym.Env]:
+        return getattr(self.vec, "envs", [None])[0]  # SyncVectorEnv holds its envs; AsyncVectorEnv does not
+
+    def dataset_size(self) -> Optional[int]:
+        try:
+            return _len_or_none(self.vec.get_attr("dataset")[0])
+        except Exception:  # noqa: BLE001 - an env without a dataset attribute
+            return None
+
     def close(self) -> None:  # the caller owns the vector env
         pass
+
+
+def _len_or_none(dataset: Any) -> Optional[int]:
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
 
 
 def _as_output(o: Any, where: str) -> PolicyOutput:
@@ -249,6 +271,14 @@ class Collector:
                     still.append(s)
             active = still
         return trajs
+
+    def local_env(self) -> Optional[gym.Env]:
+        """One env of this process (to re-render a sample), or None when the envs live in worker processes."""
+        return self.slots.local_env()
+
+    def dataset_size(self) -> Optional[int]:
+        """Samples in the envs' dataset (None when the env exposes no dataset)."""
+        return self.slots.dataset_size()
 
     def close(self) -> None:
         if self.slots is not None:

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ivt_env.atomic import atomic_open
+from rollouts.observations import load_png
 from rollouts.types import Step, Trajectory
 
 PathLike = Union[str, os.PathLike]
@@ -138,7 +139,6 @@ def load_trajectories(path: PathLike, load_images: bool = False) -> list[Traject
                     img = path.parent / s.image_path
                     if not img.is_file():
                         raise TrajectoryFileError(f"{where}: step {s.t} image not found: {img}")
-                    with Image.open(img) as im:
-                        s.observation = np.asarray(im.convert("RGB"))
+                    s.observation = load_png(str(img), f"{where}: step {s.t}")
             out.append(traj)
     return out

@@ -15,7 +15,7 @@ shift || true
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 mkdir -p "$OUT"
 t0=$(date +%s)
-python -m rollouts.synthesize --config synthesize_cpu.yaml --limit 200 --out "$OUT/teacher-sample" --progress False
+python -m agents.synthesis --config synthesize_cpu.yaml --limit 200 --out "$OUT/teacher-sample" --progress False
 python -m agents.bc train --config bc_cpu.yaml --out "$OUT/bc" "$@"
 t1=$(date +%s)
 python -m agents.evaluate --model "$OUT/bc/base" --policy-kwargs '{"prompts": "prompts_tiny.yaml"}' --split test \

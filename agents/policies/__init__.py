@@ -16,41 +16,21 @@ with the keyword arguments; it must return an object with an ``act`` method (the
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 from typing import Any
 
-from agents.policies.base import Policy, PolicyOutput, SamplingParams
+from ivt_env.registries import Registry, import_object, is_import_path
+from rollouts.policy import Policy, PolicyOutput, SamplingParams
 
-BUILTIN = {
-    "oracle": "agents.policies.scripted:OraclePolicy",
-    "copy": "agents.policies.scripted:CopyPolicy",
-    "random": "agents.policies.scripted:RandomPolicy",
-    "replay": "agents.policies.scripted:ReplayPolicy",
-    "teacher": "agents.policies.scripted:InterpolatingTeacher",
-    "vlm": "agents.policies.vlm:VLMPolicy",
-}
-
-
-def import_object(path: str) -> Any:
-    """``"package.module:Name"`` (or dotted ``"package.module.Name"``) -> the object; clear errors otherwise."""
-    if ":" in path:
-        module_name, _, attr = path.partition(":")
-    else:
-        module_name, _, attr = path.rpartition(".")
-    if not module_name or not attr:
-        raise ValueError(f"not an import path: {path!r} (expected 'package.module:ClassName')")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ImportError(f"cannot import module {module_name!r} for policy {path!r}: {exc}") from exc
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ImportError(f"module {module_name!r} has no attribute {attr!r} (policy {path!r})")
-        obj = getattr(obj, part)
-    return obj
+POLICIES: Registry = Registry("policy")  # entries are import paths, imported on first use (vlm pulls transformers)
+POLICIES.register("oracle", "agents.policies.scripted:OraclePolicy")
+POLICIES.register("copy", "agents.policies.scripted:CopyPolicy")
+POLICIES.register("random", "agents.policies.scripted:RandomPolicy")
+POLICIES.register("replay", "agents.policies.scripted:ReplayPolicy")
+POLICIES.register("teacher", "agents.policies.scripted:InterpolatingTeacher")
+POLICIES.register("vlm", "agents.policies.vlm:VLMPolicy")
+register_policy = POLICIES.register
 
 
 def _make_vlm(kwargs: dict[str, Any]) -> Policy:
@@ -58,8 +38,7 @@ def _make_vlm(kwargs: dict[str, Any]) -> Policy:
     model = kwargs.pop("model", None) or kwargs.pop("path", None)
     if model is None:
         raise ValueError("policy 'vlm' needs model=PATH (a model folder; --model PATH on the command line)")
-    cls = import_object(BUILTIN["vlm"])
-    return cls.from_pretrained(model, **kwargs)
+    return POLICIES.get("vlm").from_pretrained(model, **kwargs)
 
 
 def make_policy(name_or_path: str, **kwargs: Any) -> Policy:
@@ -69,17 +48,12 @@ def make_policy(name_or_path: str, **kwargs: Any) -> Policy:
     key = name_or_path.lower()
     if key == "vlm":
         return _make_vlm(kwargs)
-    if key in BUILTIN:
-        target = import_object(BUILTIN[key])
-    elif os.path.isdir(name_or_path):
+    if key not in POLICIES and os.path.isdir(name_or_path):
         return _make_vlm({"model": name_or_path, **kwargs})
-    elif ":" in name_or_path or "." in name_or_path:
-        target = import_object(name_or_path)
-    else:
-        raise ValueError(
-            f"unknown policy {name_or_path!r}: use one of {sorted(BUILTIN)}, a model folder, or an import path "
-            "'package.module:ClassName'"
-        )
+    if key not in POLICIES and not is_import_path(name_or_path):
+        raise ValueError(f"unknown policy {name_or_path!r}; known: {POLICIES.names()}, a model folder, or an import "
+                         "path 'package.module:ClassName'")
+    target = POLICIES.get(key if key in POLICIES else name_or_path)
     if not callable(target):
         raise TypeError(f"policy {name_or_path!r} resolves to a non-callable {type(target).__name__}")
     try:
@@ -92,4 +66,4 @@ def make_policy(name_or_path: str, **kwargs: Any) -> Policy:
     return policy
 
 
-__all__ = ["BUILTIN", "Policy", "PolicyOutput", "SamplingParams", "import_object", "make_policy"]
+__all__ = ["POLICIES", "Policy", "PolicyOutput", "SamplingParams", "import_object", "make_policy", "register_policy"]

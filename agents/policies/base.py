@@ -1,69 +1,28 @@
-"""The policy interface: observations in, one step text per observation out.
+"""Trainable policies: the interface behaviour cloning and GRPO need on top of the rollout contract.
 
-Anything implementing :class:`Policy` can be rolled out, evaluated, cloned and trained. Collection calls
-``act`` once per step for a whole batch of trajectories that advance in lock-step (all episodes have T+1 steps).
-``histories[i]`` holds the :class:`PolicyOutput` s trajectory ``i`` produced so far (empty at step 0), so a
-policy can continue a prefix (the VLM policy keeps its KV cache; scripted policies read their previous box).
+:class:`Policy`, :class:`PolicyOutput` and :class:`SamplingParams` are defined in :mod:`rollouts.policy` (the
+contract the collector calls) and re-exported here, so ``agents.policies.base.Policy`` keeps working for plug-ins.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from rollouts.policy import Policy, PolicyOutput, SamplingParams
+
+__all__ = ["BCLossOptions", "Policy", "PolicyOutput", "SamplingParams", "TokenLogprobs", "TrainablePolicy"]
 
 
 @dataclass
-class SamplingParams:
-    """Per-step sampling settings (IVT Sec. 4.1 defaults)."""
+class BCLossOptions:
+    """How :meth:`TrainablePolicy.bc_loss` turns teacher trajectories into targets (the BC config's loss fields)."""
 
-    temperature_first: float = 1.0
-    """Temperature at step 0."""
-    temperature_refine: float = 0.7
-    """Temperature at refinement steps t >= 1."""
-    max_new_tokens: int = 160
-    """Generation budget per step."""
-    greedy: bool = False
-    """Argmax decoding (evaluation); overrides the temperatures."""
-    stop_at_box: bool = True
-    """Stop a step's generation once a complete box has been emitted."""
-
-    def temperature(self, step: int) -> float:
-        return 0.0 if self.greedy else (self.temperature_first if step == 0 else self.temperature_refine)
-
-
-@dataclass
-class PolicyOutput:
-    """One step's action. ``text`` is the env action; token fields are filled by model policies."""
-
-    text: str
-    token_ids: Optional[list[int]] = None
-    logprobs: Optional[list[float]] = None
-    injected_ids: Optional[list[int]] = None
-    extra: dict = field(default_factory=dict)
-
-
-class Policy:
-    """Base class. Subclasses implement :meth:`act`; ``seed`` makes sampling reproducible."""
-
-    name: str = "policy"
-
-    def act(
-        self,
-        observations: Sequence[Mapping[str, Any]],
-        histories: Sequence[Sequence[PolicyOutput]],
-        infos: Sequence[Mapping[str, Any]],
-        sampling: SamplingParams,
-    ) -> list[PolicyOutput]:
-        """Return one :class:`PolicyOutput` per observation.
-
-        ``observations[i]`` is the env observation (``image``, ``expression``, ``step``, ``prev_box``,
-        ``prev_valid``); ``infos[i]`` the env info of the last reset/step (scripted policies that cheat, such as
-        the oracle and teacher, read ``gt_box_norm`` there; model policies must not).
-        """
-        raise NotImplementedError
-
-    def seed(self, seed: Optional[int]) -> None:  # pragma: no cover - default: nothing random
-        pass
+    number_sigma: float = 0.0
+    """> 0: soft Gaussian targets of this width on tokens that are whole numbers (policies without such tokens may
+    ignore it); 0: one-hot targets."""
+    clone_start: bool = True
+    """False: step 0 of trajectories with refinement steps is context, not a target (a scripted student wrote it)."""
 
 
 @dataclass
@@ -88,12 +47,10 @@ class TrainablePolicy(Policy):
         reference policy (LoRA adapter disabled, or a frozen copy), never with grad."""
         raise NotImplementedError
 
-    def bc_loss(self, trajectories: Sequence[Any], number_sigma: float = 0.0, clone_start: bool = True) -> tuple[Any, int]:
+    def bc_loss(self, trajectories: Sequence[Any], options: Optional[BCLossOptions] = None) -> tuple[Any, int]:
         """Mean cross-entropy over the tokens the model must generate (injected tokens labelled -100), and the
         number of such tokens. Trajectories may carry only texts (teacher data): the policy builds the
-        sequence exactly as at inference. ``number_sigma`` > 0: soft Gaussian targets of that width on tokens
-        that are whole numbers (policies without such tokens may ignore it). ``clone_start=False``: step 0 of
-        trajectories with refinement steps is context, not a target."""
+        sequence exactly as at inference. ``options``: :class:`BCLossOptions` (None: the defaults)."""
         raise NotImplementedError
 
     def trainable_parameters(self) -> list[Any]:

@@ -105,7 +105,7 @@ class RolloutEngine:
     # ------------------------------------------------------------------ public steps
     @torch.no_grad()
     def start(self, images: Sequence[np.ndarray], expressions: Sequence[str], temperature: float, max_new_tokens: int,
-              stop_at_box: bool = True, stop_at_eos: bool = True) -> list[StepResult]:  # fmt: skip
+              stop_at_box: bool = True, stop_at_eos: bool = True) -> list[StepResult]:
         """Begin a new batch: step 0 for each (image, expression). Identical prompts are encoded once.
 
         ``temperature`` <= 0 is greedy. A row stops after ``max_new_tokens``, at an end-of-turn id (unless
@@ -136,7 +136,7 @@ class RolloutEngine:
 
     @torch.no_grad()
     def refine(self, images: Sequence[np.ndarray], temperature: float, max_new_tokens: int,
-               stop_at_box: bool = True, stop_at_eos: bool = True) -> list[StepResult]:  # fmt: skip
+               stop_at_box: bool = True, stop_at_eos: bool = True) -> list[StepResult]:
         """Step t >= 1: append each row's overlay image + instruction to its cache and continue generating."""
         if not self.rows:
             raise RuntimeError("RolloutEngine.refine: no batch in progress (call start first)")
@@ -148,7 +148,7 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ internals
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, pixel_values: Optional[torch.Tensor],
-                 grids: Optional[torch.Tensor], last_cols: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                 grids: Optional[torch.Tensor], last_cols: torch.Tensor) -> torch.Tensor:
         """Append ``ids`` (B, W) to the cache; return logits (B, V) at column ``last_cols[b]`` of each row."""
         out = self.model.model(
             input_ids=ids,
@@ -212,7 +212,7 @@ class RolloutEngine:
         return s
 
     def _generate(self, chunks: Sequence[Chunk], temperature: float, max_new_tokens: int,
-                  stop_at_box: bool, stop_at_eos: bool) -> list[StepResult]:  # fmt: skip
+                  stop_at_box: bool, stop_at_eos: bool) -> list[StepResult]:
         dev, B = self.device, len(self.rows)
         stop_ids = torch.tensor(self.layout.stop_ids if stop_at_eos else [-1], device=dev)
         stopper = BoxStopper(B, self.layout.prompts.stop_box_requires_think)

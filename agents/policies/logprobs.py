@@ -7,10 +7,10 @@ injected chunks from the same :class:`PromptLayout` code the engine uses, and ea
 generated part. ``labels`` are the generated ids and -100 on every injected token (IVT Sec. 3.2).
 
 Images (one per step): ``Step.observation`` (the collector keeps them with ``keep_observations=True``), else
-``Step.image_path`` (PNG written by ``rollouts.synthesize``), else rendered: the original image (``meta["image"]``
+``Step.image_path`` (PNG written by ``agents.synthesis``), else rendered: the original image (``meta["image"]``
 array, ``meta["image_path"]`` file, step 0's observation / image_path, or an ``image_resolver(traj)`` callable,
-e.g. :func:`dataset_image_resolver`) with the previous step's box drawn by ``ivt_env.rendering.draw_box``
-(nothing drawn when that box was invalid), as the env does.
+an ``image_resolver(traj)`` callable) with the previous step's box drawn by ``ivt_env.rendering.draw_box`` (nothing
+drawn when that box was invalid), as the env does: :func:`rollouts.observations.trajectory_images`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from agents.policies.engine import LogitFilter
+from rollouts.observations import ImageResolver, trajectory_images
 from agents.policies.vlm_prompt import PromptLayout, mm_token_types
 
 IGNORE = -100
-ImageResolver = Callable[[Any], np.ndarray]
 
 
 @dataclass
@@ -42,88 +42,6 @@ class EncodedTrajectory:
     @property
     def n_generated(self) -> int:
         return int((self.labels != IGNORE).sum())
-
-
-def _load_png(path: str, what: str) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except OSError as exc:
-        raise FileNotFoundError(f"{what}: cannot read image {path!r}: {exc}") from exc
-
-
-def _original_image(traj: Any, resolver: Optional[ImageResolver]) -> np.ndarray:
-    meta = traj.meta or {}
-    first = traj.steps[0] if traj.steps else None
-    if isinstance(meta.get("image"), np.ndarray):
-        return meta["image"]
-    if meta.get("image_path"):
-        return _load_png(meta["image_path"], f"trajectory {traj.sample_id} meta['image_path']")
-    if first is not None and first.observation is not None:
-        return first.observation
-    if first is not None and first.image_path:
-        return _load_png(first.image_path, f"trajectory {traj.sample_id} step 0 image_path")
-    if resolver is not None:
-        return np.asarray(resolver(traj), dtype=np.uint8)
-    raise ValueError(
-        f"trajectory {traj.sample_id!r} ({traj.dataset}): no image to encode it with. Keep observations "
-        "(collect_groups(..., keep_observations=True)), set Step.image_path or meta['image_path'], or give the "
-        "policy an image_resolver (e.g. agents.policies.logprobs.dataset_image_resolver())"
-    )
-
-
-def trajectory_images(traj: Any, resolver: Optional[ImageResolver] = None) -> list[np.ndarray]:
-    """The image each step saw: step 0 the original, step t the original with box t-1 drawn (if it was valid)."""
-    from ivt_env.boxes import to_pixels
-    from ivt_env.rendering import draw_box
-
-    images: list[np.ndarray] = []
-    original = None
-    for t, st in enumerate(traj.steps):
-        if st.observation is not None:
-            images.append(np.asarray(st.observation))
-            continue
-        if st.image_path:
-            images.append(_load_png(st.image_path, f"trajectory {traj.sample_id} step {t} image_path"))
-            continue
-        if original is None:
-            original = _original_image(traj, resolver)
-        if t == 0:
-            images.append(original)
-            continue
-        prev = traj.steps[t - 1]
-        box = prev.box
-        if box is None and prev.box_norm is not None:
-            box = to_pixels(prev.box_norm, original.shape[1], original.shape[0])
-        images.append(draw_box(original, box if prev.valid else None))
-    return images
-
-
-def dataset_image_resolver(data_root: Optional[str] = None, default_split: str = "train") -> ImageResolver:
-    """An ``image_resolver`` that loads a trajectory's original image from its dataset (``traj.dataset``, split
-    ``traj.meta['split']`` or ``default_split``, sample ``traj.meta['index']`` or looked up by ``sample_id``)."""
-    from ivt_env.datasets import load_dataset
-
-    cache: dict[tuple[str, str], Any] = {}
-    ids: dict[tuple[str, str], dict[str, int]] = {}
-
-    def resolve(traj: Any) -> np.ndarray:
-        key = (traj.dataset, (traj.meta or {}).get("split", default_split))
-        if key not in cache:
-            cache[key] = load_dataset(key[0], key[1], data_root=data_root)
-        ds = cache[key]
-        idx = (traj.meta or {}).get("index")
-        if idx is None or ds[int(idx)].sample_id != traj.sample_id:
-            if key not in ids:
-                ids[key] = {s: i for i, s in enumerate(ds.sample_ids())}
-            if traj.sample_id not in ids[key]:
-                raise KeyError(f"sample {traj.sample_id!r} not in dataset {key[0]!r} split {key[1]!r}")
-            idx = ids[key][traj.sample_id]
-        return np.asarray(ds[int(idx)].load_image(), dtype=np.uint8)
-
-    return resolve
 
 
 def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageResolver] = None) -> EncodedTrajectory:
@@ -216,7 +134,7 @@ class NumberSmoothing:
 
 def teacher_forced(model: Any, encoded: Sequence[EncodedTrajectory], pad_id: int, logit_filter: LogitFilter,
                    entropy: bool = True, smoothing: Optional[NumberSmoothing] = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probs, entropies and mask of the generated tokens of a batch, right-padded: each ``(B, G)``.
 
     ``smoothing`` (behaviour cloning only): the log-prob of a number token is replaced by its expected log-prob

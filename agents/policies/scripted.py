@@ -20,9 +20,9 @@ import random
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from agents.policies.base import Policy, PolicyOutput, SamplingParams
+from rollouts.policy import Policy, PolicyOutput, SamplingParams
 from ivt_env.boxes import NORM_MAX, iou, parse_box
-from rollouts.teacher import format_step, geometric_reasoning, interpolate_boxes, region_name
+from agents.teacher.geometric import format_step, geometric_reasoning, interpolate_boxes, region_name
 
 Box = Sequence[float]
 PolicySpec = Union[Policy, str, None]
@@ -187,8 +187,8 @@ class CopyPolicy(ScriptedPolicy):
 class InterpolatingTeacher(ScriptedPolicy):
     """Moves from a start box to the GT by linear interpolation over T steps (IVT Sec. 3.2), with reasoning.
 
-    Step texts are ``<think>{rollouts.teacher.geometric_reasoning(...)}</think> [box_t]`` for the boxes of
-    ``rollouts.teacher.interpolate_boxes(start, gt, T)``: box 0 is the start, box T the GT.
+    Step texts are ``<think>{agents.teacher.geometric.geometric_reasoning(...)}</think> [box_t]`` for the boxes of
+    ``agents.teacher.geometric.interpolate_boxes(start, gt, T)``: box 0 is the start, box T the GT.
 
     The start box is, in order of precedence: ``start_boxes[sample_id]`` (a mapping of given normalised boxes),
     the step-0 box of ``start_policy`` (a policy, name or import path, e.g. a student model), or by default the GT

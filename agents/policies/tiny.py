@@ -88,13 +88,10 @@ def tokenizer_corpus() -> list[str]:
     lines: list[str] = []
     for p in (PromptConfig(), load_prompts(None)):
         lines += p.texts()
-    try:  # the geometric teacher's phrases (rollouts/teacher.py), when present
-        from rollouts.teacher import teacher_corpus
+    from agents.teacher.geometric import teacher_corpus  # the geometric teacher's phrases
 
-        for v in (0, 1, 2):
-            lines += teacher_corpus(v)
-    except ImportError:  # pragma: no cover - the teacher module is part of the project
-        pass
+    for v in (0, 1, 2):
+        lines += teacher_corpus(v)
     try:  # the synthetic dataset's words
         from ivt_env.datasets import synthetic_language as sl
 
@@ -198,7 +195,7 @@ def tiny_config(tokenizer, arch: str = "qwen3_vl", **text_overrides):
             depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16, spatial_merge_size=2,
             temporal_patch_size=2, out_hidden_size=text["hidden_size"], num_position_embeddings=64,
             deepstack_visual_indexes=[0],
-        )  # fmt: skip
+        )
         return Qwen3VLConfig(text_config=text, vision_config=vision, **common)
     if arch == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig
@@ -207,7 +204,7 @@ def tiny_config(tokenizer, arch: str = "qwen3_vl", **text_overrides):
         vision = dict(
             depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14, spatial_merge_size=2,
             temporal_patch_size=2, out_hidden_size=text["hidden_size"], window_size=112, fullatt_block_indexes=[1],
-        )  # fmt: skip
+        )
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
     raise ValueError(f"unknown tiny arch {arch!r}; use 'qwen3_vl' or 'qwen2_5_vl'")
 
@@ -223,7 +220,7 @@ def tiny_image_processor(arch: str = "qwen3_vl"):
     return Qwen2VLImageProcessorPil(
         patch_size=patch, merge_size=2, temporal_patch_size=2, min_pixels=factor * factor * 4,
         max_pixels=factor * factor * 64, **mean_std,
-    )  # fmt: skip
+    )
 
 
 def build_tiny_model(out_dir: str | os.PathLike, seed: int = 0, arch: str = "qwen3_vl", **text_overrides) -> Path:

@@ -40,10 +40,11 @@ import json
 import os
 from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ivt_env.atomic import atomic_dir
-from agents.policies.base import PolicyOutput, SamplingParams, TokenLogprobs, TrainablePolicy
+from agents.policies.base import BCLossOptions, PolicyOutput, SamplingParams, TokenLogprobs, TrainablePolicy
 from agents.policies.engine import LogitFilter, RolloutEngine
 from agents.policies.logprobs import (
     IGNORE,
@@ -62,7 +63,7 @@ from agents.policies.vlm_setup import (
     lora_config,
     resolve_dtype,
 )
-from agents.policies.vlm_prompt import PromptConfig, PromptLayout, load_prompts
+from agents.policies.vlm_prompt import PromptConfig, PromptLayout, load_prompts, mm_token_types
 
 REFERENCE_ADAPTER = "reference"  # peft adapter name of the frozen reference (a loaded adapter's initial weights)
 POLICY_FILE = "ivt_policy.json"  # what save() records next to the weights (base model, prompts)
@@ -73,7 +74,7 @@ class VLMPolicy(TrainablePolicy):
 
     def __init__(self, model: Any, processor: Any, prompts: PromptConfig, *, base_path: str, lora: bool,
                  full_finetune: bool, load_in_4bit: bool, image_resolver: Optional[ImageResolver] = None,
-                 reference_adapter: Optional[str] = None, reference: str = "initial") -> None:  # fmt: skip
+                 reference_adapter: Optional[str] = None, reference: str = "initial") -> None:
         self.model = model  # the peft model when LoRA is on, else the transformers model
         self.hf_model = model.get_base_model() if lora else model  # *ForConditionalGeneration (LoRA layers inside)
         self.processor = processor
@@ -130,6 +131,8 @@ class VLMPolicy(TrainablePolicy):
         path = str(path)
         if isinstance(lora, Mapping):
             lora = LoraSettings(**lora)
+        if lora is not None and not lora.enabled:
+            lora = None
         if reference not in ("initial", "base", "none"):
             raise ValueError(f"reference must be 'initial', 'base' or 'none', got {reference!r}")
         dev = default_device(device)
@@ -166,7 +169,7 @@ class VLMPolicy(TrainablePolicy):
         else:
             disable_bnb_cpu_bf16_repack(model)
         processor = load_processor(path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else base,
-                                   model.config.model_type)  # fmt: skip
+                                   model.config.model_type)
         if gradient_checkpointing:  # non-reentrant: works with frozen embeddings (LoRA) without input grads
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -192,7 +195,7 @@ class VLMPolicy(TrainablePolicy):
         policy = cls(model, processor, load_prompts(prompts), base_path=str(base), lora=uses_lora,
                      full_finetune=full_finetune, load_in_4bit=load_in_4bit, image_resolver=image_resolver,
                      reference_adapter=REFERENCE_ADAPTER if adapter and reference == "initial" else None,
-                     reference=reference)  # fmt: skip
+                     reference=reference)
         policy.seed(seed)
         return policy
 
@@ -225,7 +228,7 @@ class VLMPolicy(TrainablePolicy):
 
     # ------------------------------------------------------------------ acting
     def act(self, observations: Sequence[Mapping[str, Any]], histories: Sequence[Sequence[PolicyOutput]],
-            infos: Sequence[Mapping[str, Any]], sampling: SamplingParams) -> list[PolicyOutput]:  # fmt: skip
+            infos: Sequence[Mapping[str, Any]], sampling: SamplingParams) -> list[PolicyOutput]:
         """One step for a lock-step batch (see the module docstring)."""
         n = len(observations)
         if len(histories) != n:
@@ -242,7 +245,7 @@ class VLMPolicy(TrainablePolicy):
         with self.eval_mode():
             if t == 0:
                 res = self.engine.start(images, [str(o["expression"]) for o in observations], temp,
-                                        sampling.max_new_tokens, sampling.stop_at_box)  # fmt: skip
+                                        sampling.max_new_tokens, sampling.stop_at_box)
             else:
                 self._check_continues(histories)
                 res = self.engine.refine(images, temp, sampling.max_new_tokens, sampling.stop_at_box)
@@ -254,7 +257,7 @@ class VLMPolicy(TrainablePolicy):
             if text != raw:
                 extra["raw_text"] = raw
             outs.append(PolicyOutput(text=text, token_ids=list(r.token_ids), logprobs=list(r.logprobs),
-                                     injected_ids=list(r.injected_ids), extra=extra))  # fmt: skip
+                                     injected_ids=list(r.injected_ids), extra=extra))
         return outs
 
     def _check_continues(self, histories: Sequence[Sequence[PolicyOutput]]) -> None:
@@ -269,7 +272,7 @@ class VLMPolicy(TrainablePolicy):
             for s, (mine, theirs) in enumerate(zip(row.steps, hist)):
                 if theirs.token_ids is not None and list(theirs.token_ids) != mine.token_ids:
                     raise ValueError(f"VLMPolicy.act: histories[{i}][{s}] holds other token ids than this policy "
-                                     "generated for that row (reordered or foreign batch)")  # fmt: skip
+                                     "generated for that row (reordered or foreign batch)")
 
     # ------------------------------------------------------------------ training
     def encode_trajectory(self, traj: Any) -> EncodedTrajectory:
@@ -313,14 +316,15 @@ class VLMPolicy(TrainablePolicy):
                 lp, ent, mask = teacher_forced(self.hf_model, encoded, self.layout.pad_id, self.logit_filter)
         return TokenLogprobs(logprobs=lp, entropy=ent, mask=mask)
 
-    def bc_loss(self, trajectories: Sequence[Any], number_sigma: float = 0.0,
-                clone_start: bool = True) -> tuple[torch.Tensor, int]:  # fmt: skip
-        """Mean cross-entropy over the generated tokens of ``trajectories`` and their count. ``number_sigma`` > 0:
-        whole-number tokens get Gaussian soft targets of that width (:class:`.logprobs.NumberSmoothing`).
-        ``clone_start=False``: step 0 of a trajectory WITH refinement steps is context only (labels -100), e.g.
-        when a scripted student wrote it and it is not the model's own answer; single-step samples still train."""
+    def bc_loss(self, trajectories: Sequence[Any], options: Optional[BCLossOptions] = None) -> tuple[torch.Tensor, int]:
+        """Mean cross-entropy over the generated tokens of ``trajectories`` and their count. ``options.number_sigma``
+        > 0: whole-number tokens get Gaussian soft targets of that width (:class:`.logprobs.NumberSmoothing`).
+        ``options.clone_start=False``: step 0 of a trajectory WITH refinement steps is context only (labels -100),
+        e.g. when a scripted student wrote it and it is not the model's own answer; single-step samples still train."""
+        options = options or BCLossOptions()
+        number_sigma = options.number_sigma
         encoded = [self.encode_trajectory(t) for t in trajectories]
-        if not clone_start:
+        if not options.clone_start:
             for e in encoded:
                 if int(e.step_index.max()) > 0:
                     e.labels[e.step_index == 0] = IGNORE
@@ -330,11 +334,37 @@ class VLMPolicy(TrainablePolicy):
                 self._smoothing = NumberSmoothing(self.tokenizer, number_sigma)
             smoothing = self._smoothing
         lp, _, mask = teacher_forced(self.hf_model, encoded, self.layout.pad_id, self.logit_filter, entropy=False,
-                                     smoothing=smoothing)  # fmt: skip
+                                     smoothing=smoothing)
         n = int(mask.sum())
         if n == 0:
             raise ValueError("bc_loss: the trajectories hold no generated tokens")
         return -(lp * mask).sum() / n, n
+
+    def chat(self, images: Sequence[np.ndarray], prompts: Sequence[str], *, system: Optional[str] = None,
+             max_new_tokens: int = 96) -> list[str]:
+        """Greedy answers to one-image chat turns outside the IVT loop (``prompts[i]`` about ``images[i]``), in one
+        left-padded batch: what a teacher VLM writing reasoning needs (:mod:`agents.synthesis.vlm_reasoner`)."""
+        tok = self.tokenizer
+        texts = []
+        for prompt in prompts:
+            msgs = [{"role": "system", "content": system}] if system else []
+            msgs.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
+            texts.append(tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
+        side = tok.padding_side
+        tok.padding_side = "left"  # batched generation continues every row at the same (last) position
+        try:
+            inputs = self.processor(text=texts, images=[np.asarray(im) for im in images], padding=True,
+                                    return_tensors="pt")
+        finally:
+            tok.padding_side = side
+        inputs = {k: v.to(self.device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        if "mm_token_type_ids" not in inputs:  # Qwen3-VL's rope index reads the image token positions from it
+            inputs["mm_token_type_ids"] = mm_token_types(inputs["input_ids"], self.layout.image_token_id)
+        with torch.no_grad(), self.eval_mode():
+            out = self.hf_model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                         pad_token_id=self.layout.pad_id)
+        gen = out[:, inputs["input_ids"].shape[1]:]  # (B, new tokens)
+        return [tok.decode(g, skip_special_tokens=True) for g in gen]
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -344,7 +374,7 @@ class VLMPolicy(TrainablePolicy):
         """Write the policy to ``directory`` (replaced as a whole): the LoRA adapter (``save_pretrained``) or the
         full model, the tokenizer + image-processor settings, ``prompts.yaml`` and ``ivt_policy.json``.
         :meth:`from_pretrained` loads it back."""
-        from agents.config import save_yaml
+        from agents.common.config import save_yaml
 
         with atomic_dir(directory) as tmp:
             if self.load_in_4bit and not self.uses_lora:
@@ -357,7 +387,7 @@ class VLMPolicy(TrainablePolicy):
             self.processor.image_processor.save_pretrained(str(tmp))
             save_yaml(self.prompts, tmp / "prompts.yaml")
             info = {"base_model": self.base_path if self.uses_lora else None, "model_type": self.model_type,
-                    "lora": self.uses_lora, "load_in_4bit": self.load_in_4bit}  # fmt: skip
+                    "lora": self.uses_lora, "load_in_4bit": self.load_in_4bit}
             (tmp / POLICY_FILE).write_text(json.dumps(info, indent=2))
 
 

@@ -26,9 +26,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from agents.config import load_yaml
+from agents.common.config import load_yaml
 
-DEFAULT_PROMPTS = "prompts.yaml"  # resolved in configs/ by agents.config.resolve_config_path
+DEFAULT_PROMPTS = "prompts.yaml"  # resolved in configs/ by agents.common.config.resolve_config_path
 
 # Architectures whose text boxes are absolute pixels of the processor-resized input (DESIGN.md, upstream formats).
 ABS_PIXEL_ARCHS = ("qwen2_vl", "qwen2_5_vl")
@@ -80,7 +80,7 @@ def load_prompts(prompts: "PromptConfig | str | None" = None) -> PromptConfig:
     if isinstance(prompts, PromptConfig):
         return prompts
     if isinstance(prompts, dict):
-        from agents.config import from_dict
+        from agents.common.config import from_dict
 
         return from_dict(PromptConfig, prompts, where="prompts")
     return load_yaml(PromptConfig, prompts or DEFAULT_PROMPTS)

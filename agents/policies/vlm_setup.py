@@ -13,8 +13,12 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass
 class LoraSettings:
-    """LoRA adapter settings (IVT Sec. 4.1: rank 64, alpha 128, all attention and MLP projections)."""
+    """LoRA adapter settings (IVT Sec. 4.1: rank 64, alpha 128, all attention and MLP projections); the ``lora``
+    section of the GRPO and behaviour-cloning configs."""
 
+    enabled: bool = True
+    """Train a new LoRA adapter. False: train all weights (full fine-tuning; the frozen reference is a copy of the
+    start weights). A start checkpoint that already holds an adapter continues that adapter either way."""
     rank: int = 64
     """LoRA rank r."""
     alpha: int = 128
@@ -36,7 +40,7 @@ def lora_config(lora: LoraSettings) -> Any:
     if lora.language_model_only:
         targets = r".*language_model.*\.(" + "|".join(lora.target_modules) + r")"
     return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                      bias="none")  # fmt: skip
+                      bias="none")
 
 
 def bnb_4bit_config(compute_dtype: torch.dtype) -> Any:
@@ -44,7 +48,7 @@ def bnb_4bit_config(compute_dtype: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype,
-                              bnb_4bit_use_double_quant=True)  # fmt: skip
+                              bnb_4bit_use_double_quant=True)
 
 
 def disable_bnb_cpu_bf16_repack(model: Any) -> int:

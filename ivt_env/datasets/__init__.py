@@ -7,8 +7,9 @@ exact upstream layouts of RefCOCOg, Ref-L4 and Ref-Adv-s plus their balanced mix
 
 from __future__ import annotations
 
-import importlib
 from typing import Optional
+
+from ivt_env.registries import Registry
 
 from .base import DatasetError, GroundingDataset, ListDataset, Sample
 from .records import RecordDataset
@@ -17,31 +18,30 @@ from .synthetic_language import VOCABULARY
 
 # name -> "module:factory"; factories take (split, data_root, **kwargs). Imported lazily so a missing optional
 # dependency of one loader (pyarrow) never breaks the others.
-_REGISTRY = {
-    "synthetic": "ivt_env.datasets.synthetic:SyntheticDataset",
-    "refcocog": "ivt_env.datasets.refcocog:RefCOCOg",
-    "refadv": "ivt_env.datasets.refadv:RefAdv",
-    "refl4": "ivt_env.datasets.refl4:RefL4",
-    "mix": "ivt_env.datasets.mix:Mix",
-}
+DATASETS: Registry = Registry("dataset")
+DATASETS.register("synthetic", "ivt_env.datasets.synthetic:SyntheticDataset")
+DATASETS.register("refcocog", "ivt_env.datasets.refcocog:RefCOCOg")
+DATASETS.register("refadv", "ivt_env.datasets.refadv:RefAdv")
+DATASETS.register("refl4", "ivt_env.datasets.refl4:RefL4")
+DATASETS.register("mix", "ivt_env.datasets.mix:Mix")
 
-DATASET_NAMES = tuple(_REGISTRY)
+DATASET_NAMES = tuple(DATASETS)
 
 
 def load_dataset(name: str, split: str = "train", data_root: Optional[str] = None, **kwargs) -> GroundingDataset:
     """Build dataset ``name`` for ``split``. ``synthetic`` ignores ``data_root``; kwargs go to the dataset class."""
     key = name.lower().replace("-", "").replace("_", "")
     key = {"refadvs": "refadv"}.get(key, key)
-    if key not in _REGISTRY:
-        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(_REGISTRY)}")
-    mod_name, attr = _REGISTRY[key].split(":")
-    factory = getattr(importlib.import_module(mod_name), attr)
+    if key not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    factory = DATASETS.get(key)
     if key == "synthetic":
         return factory(split=split, **kwargs)
     return factory(split=split, data_root=data_root, **kwargs)
 
 
 __all__ = [
+    "DATASETS",
     "DATASET_NAMES",
     "DatasetError",
     "GroundingDataset",

@@ -14,7 +14,7 @@ from tests.ivt_env.fake_data import FakeDataset
 INFO_KEYS = {
     "sample_id", "dataset", "source", "index", "gt_box", "gt_box_norm", "width", "height", "step",
     "max_steps", "box", "box_norm", "valid", "reason", "iou", "ious", "valids",
-}  # fmt: skip
+}
 
 
 @pytest.fixture
@@ -97,7 +97,7 @@ def test_reset_selection():
     assert picks == [env.reset(seed=s)[1]["index"] for s in range(40)]  # deterministic by seed
     assert set(picks) == set(range(8))  # and covers the dataset
     for bad in ({"index": 8}, {"index": "2"}, {"index": True}, {"sample_id": "nope"}, {"foo": 1},
-                {"index": 1, "sample_id": "fake-1"}):  # fmt: skip
+                {"index": 1, "sample_id": "fake-1"}):
         with pytest.raises(ValueError):
             env.reset(options=bad)
 

@@ -1,5 +1,6 @@
 """Rewards on hand-computed cases; reward shaping as a ``reward_fn`` and as a ``RewardWrapper``."""
 
+import gymnasium as gym
 import pytest
 
 from ivt_env.env import GroundingRefineEnv
@@ -94,12 +95,12 @@ def test_get_reward_resolution():
     assert get_reward(mine) is mine
     with pytest.raises(ValueError, match="unknown reward 'nope'"):
         get_reward("nope")
-    with pytest.raises(ValueError, match="cannot load reward"):
+    with pytest.raises(ValueError, match="reward 'ivt_env.rewards:missing': module 'ivt_env.rewards' has no attr"):
         get_reward("ivt_env.rewards:missing")
-    with pytest.raises(ValueError, match="cannot load reward"):
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module_xyz'"):
         get_reward("no_such_module_xyz:fn")
-    with pytest.raises(TypeError, match="non-callable"):
-        get_reward("ivt_env.rewards:REWARDS")
+    with pytest.raises(ValueError, match="non-callable"):
+        get_reward("ivt_env.rewards:__doc__")
     with pytest.raises(TypeError):
         get_reward(3)
 
@@ -162,10 +163,15 @@ def test_shaping_as_reward_wrapper():
     assert "dense" in repr(env)
 
 
-def test_reward_wrapper_reward_needs_step():
-    env = ShapedRewardWrapper(GroundingRefineEnv(FakeDataset()))
-    with pytest.raises(RuntimeError):
-        env.reward(0.0)
+def test_reward_wrapper_is_a_plain_wrapper_reading_the_step_info():
+    # a RewardWrapper's reward(r) cannot see the IoUs the shaping needs: the wrapper changes reward AND info
+    assert not isinstance(ShapedRewardWrapper(GroundingRefineEnv(FakeDataset())), gym.RewardWrapper)
+    env = ShapedRewardWrapper(GroundingRefineEnv(FakeDataset()), shaping=lambda i, v, *, step, max_steps: 10 * i[-1],
+                              scale=0.5)
+    env.reset(seed=0)
+    _, r, _, _, info = env.step("[0, 0, 1000, 1000]")
+    assert info["shaping_reward"] == pytest.approx(0.5 * 10 * info["iou"])
+    assert r == pytest.approx(info["base_reward"] + 5 * info["iou"])
 
 
 def test_custom_callable_sees_the_contract():

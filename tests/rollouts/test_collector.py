@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import ivt_env  # noqa: F401  (registers the env ids)
-from agents.policies.base import Policy, PolicyOutput, SamplingParams
+from rollouts.policy import Policy, PolicyOutput, SamplingParams
 from agents.policies.scripted import OraclePolicy, RandomPolicy
 from ivt_env.boxes import format_box, to_pixels
 from ivt_env.rendering import draw_box

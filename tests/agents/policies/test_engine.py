@@ -36,7 +36,7 @@ def full_reencode(engine, steps):
             input_ids=x, attention_mask=torch.ones_like(x), pixel_values=torch.cat(pixels),
             image_grid_thw=torch.cat(grids), mm_token_type_ids=mm_token_types(x, engine.layout.image_token_id),
             use_cache=False,
-        ).logits[0]  # fmt: skip
+        ).logits[0]
     logp = torch.log_softmax(engine.filter(logits), -1)
     lp = torch.stack([logp[j - 1, ids[j]] for j in gen_pos])
     argmax = [int(logp[j - 1].argmax()) for j in gen_pos]
@@ -85,7 +85,7 @@ def test_greedy_equals_hf_generate(tiny_q3):
             image_grid_thw=torch.cat([r0[b].chunk.image_grid_thw, r1[b].chunk.image_grid_thw]),
             mm_token_type_ids=mm_token_types(x, lay.image_token_id), do_sample=False, max_new_tokens=10,
             min_new_tokens=10, suppress_tokens=lay.placeholder_ids, pad_token_id=lay.pad_id,
-        )  # fmt: skip
+        )
         assert out[0, x.shape[1]:].tolist() == r1[b].token_ids
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from agents.policies.base import PolicyOutput, SamplingParams
+from agents.policies.base import BCLossOptions, PolicyOutput, SamplingParams
 from agents.policies.engine import StepResult
 from agents.policies.vlm import LoraSettings, VLMPolicy
 from agents.policies.vlm_prompt import abs_box_text_to_norm
@@ -20,10 +20,10 @@ def teacher_traj(sample_id="s0", seed=0):
     """A text-only teacher trajectory with the original image in meta (rendered overlays)."""
     texts = ["<think>The circle is left.</think> [100, 200, 400, 600]",
              "<think>Too far left. Move right.</think> [150, 200, 450, 600]",
-             "<think>Box fits. Keep it.</think> [160, 210, 460, 610]"]  # fmt: skip
+             "<think>Box fits. Keep it.</think> [160, 210, 460, 610]"]
     steps = [Step(t, s, True, 0.5, box=[12.8 + t, 25.6, 51.2, 76.8]) for t, s in enumerate(texts)]
     return Trajectory(sample_id, "synthetic", "the blue circle", [20, 26, 59, 78], 128, 128, steps=steps,
-                      meta={"image": rand_image(seed)})  # fmt: skip
+                      meta={"image": rand_image(seed)})
 
 
 def lora_grads(policy, trajs):
@@ -208,7 +208,7 @@ def test_qwen25_policy_runs_an_episode(tiny_q25):
 
     pol = VLMPolicy.from_pretrained(tiny_q25, device="cpu", seed=0)
     trs = collect_groups(lambda: gym.make("IVT-Synthetic-v0", max_refine_steps=1), pol, [0], group_size=2,
-                         sampling=SamplingParams(max_new_tokens=6), keep_observations=True)  # fmt: skip
+                         sampling=SamplingParams(max_new_tokens=6), keep_observations=True)
     tl = pol.token_logprobs(trs, grad=False)
     for i, tr in enumerate(trs):
         want = torch.tensor([x for st in tr.steps for x in st.logprobs])
@@ -249,15 +249,15 @@ def test_bc_loss_options(tiny_q3):
     pol = VLMPolicy.from_pretrained(tiny_q3, device="cpu")
     traj = teacher_traj()
     single = Trajectory("g", "synthetic", "the blue circle", [20, 26, 59, 78], 128, 128,
-                        steps=[teacher_traj().steps[0]], meta={"image": rand_image(1)})  # fmt: skip
+                        steps=[teacher_traj().steps[0]], meta={"image": rand_image(1)})
     enc = pol.encode_trajectory(traj)
     n_all, n_first = enc.n_generated, int(((enc.labels != -100) & (enc.step_index == 0)).sum())
     n_single = pol.encode_trajectory(single).n_generated
     with torch.no_grad():
         _, n = pol.bc_loss([traj, single])
-        _, n_masked = pol.bc_loss([traj, single], clone_start=False)
+        _, n_masked = pol.bc_loss([traj, single], BCLossOptions(clone_start=False))
         plain, _ = pol.bc_loss([traj])
-        soft, _ = pol.bc_loss([traj], number_sigma=30.0)
+        soft, _ = pol.bc_loss([traj], BCLossOptions(number_sigma=30.0))
     assert n == n_all + n_single and n_masked == n_all - n_first + n_single
     assert n_first > 0 and soft.item() != pytest.approx(plain.item(), abs=1e-3)
 

@@ -29,7 +29,7 @@ def policy(tiny_q3):
 @pytest.fixture(scope="module")
 def trajs(policy):
     return collect_groups(env_fn, policy, [0, 1], group_size=3, sampling=SamplingParams(max_new_tokens=24), seed=0,
-                          keep_observations=True)  # fmt: skip
+                          keep_observations=True)
 
 
 def test_episode_through_env(trajs, policy):
@@ -64,7 +64,7 @@ def test_token_logprobs_equal_rollout_logprobs(trajs, policy):
         out = policy.hf_model(
             input_ids=enc.input_ids[None], pixel_values=enc.pixel_values, image_grid_thw=enc.image_grid_thw,
             mm_token_type_ids=enc.mm_token_type_ids[None],
-        )  # fmt: skip
+        )
     j = int((enc.labels != IGNORE).nonzero()[0])
     p = torch.softmax(policy.logit_filter(out.logits[0, j - 1]), -1)
     assert torch.allclose(tl.entropy[0, 0], -(p * p.clamp_min(1e-30).log()).sum(), atol=1e-4)
@@ -128,7 +128,7 @@ def test_rendered_images_match_env_observations():
 
 def test_missing_image_is_a_clear_error(policy):
     tr = Trajectory("s7", "synthetic", "the circle", [0, 0, 5, 5], 128, 128,
-                    steps=[Step(0, "<think>a</think> [1, 2, 3, 4]", True, 0.0)])  # fmt: skip
+                    steps=[Step(0, "<think>a</think> [1, 2, 3, 4]", True, 0.0)])
     with pytest.raises(ValueError, match="s7.*no image"):
         policy.encode_trajectory(tr)
 
@@ -173,12 +173,12 @@ def test_evaluate_accepts_policy_by_name(tiny_q3):
     pol = make_policy("vlm", model=str(tiny_q3))
     assert isinstance(pol, VLMPolicy)
     res = evaluate(pol, "IVT-Synthetic-v0", split="val", limit=2, steps=2,
-                   sampling=SamplingParams(greedy=True, max_new_tokens=8), num_strips=0)  # fmt: skip
+                   sampling=SamplingParams(greedy=True, max_new_tokens=8), num_strips=0)
     assert res["n"] == 2 and len(res["iou_step"]) == 3
 
 
 def test_step_image_paths_are_read(trajs, policy, tmp_path):
-    """Trajectories written by rollouts.synthesize carry per-step PNGs instead of in-memory observations."""
+    """Trajectories written by agents.synthesis carry per-step PNGs instead of in-memory observations."""
     from PIL import Image
 
     tr = copy.deepcopy(trajs[0])

@@ -1,0 +1,144 @@
+"""Training batches of teacher trajectories for behaviour cloning, with the observation images each step saw.
+
+Two sources, both deterministic in (seed, batch number) so a resumed run draws exactly the batches an
+uninterrupted run would have drawn, without saving any data-loader state:
+
+- :class:`FolderData`: a folder written by ``python -m agents.synthesis`` (the paper's recipe: a fixed set of
+  teacher trajectories, several epochs, reshuffled each epoch). Images are read lazily per batch from the PNGs
+  the synthesis wrote; a trajectory without them is replayed through the env to render them again.
+- :class:`OnlineData`: teacher trajectories synthesized on the fly, fresh scenes in every batch (the CPU default).
+  DESIGN.md measured that a tiny model trained from scratch needs fresh scenes every batch, and synthesis with the
+  scripted student and the geometric teacher costs about a millisecond per trajectory, so no folder is written.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from rollouts.observations import load_png, replay_observations
+from rollouts.types import Trajectory
+
+
+class FolderData:
+    """Batches of a synthesized folder's trajectories: epoch ``e`` visits them in ``Random(seed + e)`` order."""
+
+    def __init__(self, folder: str | Path, batch_size: int, seed: int = 0, env_fn: Any = None, limit: int = 0):
+        from rollouts.storage import load_trajectories
+
+        self.folder = Path(folder)
+        path = self.folder / "trajectories.jsonl"
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{self.folder}: no trajectories.jsonl; synthesize one with `python -m agents.synthesis --out {folder}`"
+            )
+        self.trajectories = load_trajectories(path)
+        if limit > 0:
+            self.trajectories = self.trajectories[:limit]
+        if not self.trajectories:
+            raise ValueError(f"{path}: holds no trajectories")
+        for t in self.trajectories:
+            for st in t.steps:
+                if st.image_path and not Path(st.image_path).is_absolute():
+                    st.image_path = str(self.folder / st.image_path)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.env_fn = env_fn
+        self._env = None
+        self._orders: dict[int, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self.trajectories)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.trajectories) / self.batch_size)
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(len(self.trajectories)))
+            random.Random(self.seed + epoch).shuffle(order)
+            self._orders = {epoch: order}  # keep one epoch's order in memory
+        return self._orders[epoch]
+
+    def batch(self, k: int) -> list[Trajectory]:
+        """Micro-batch number ``k`` (0, 1, 2, ... across epochs); the last batch of an epoch may be smaller."""
+        epoch, j = divmod(k, self.batches_per_epoch)
+        idx = self._order(epoch)[j * self.batch_size : (j + 1) * self.batch_size]
+        out = []
+        for i in idx:
+            src = self.trajectories[i]
+            t = Trajectory.from_dict(src.to_dict())  # a copy: images are held only while the batch lives
+            if all(st.image_path and Path(st.image_path).is_file() for st in t.steps):
+                for st in t.steps:
+                    st.observation = load_png(st.image_path, f"trajectory {t.sample_id} step {st.t}")
+            else:
+                if self.env_fn is None:
+                    raise FileNotFoundError(
+                        f"{self.folder}: trajectory {t.sample_id!r} has no step images and no env to replay it in"
+                    )
+                if self._env is None:
+                    self._env = self.env_fn()
+                replay_observations(t, self._env)
+            out.append(t)
+        return out
+
+
+class OnlineData:
+    """Fresh teacher trajectories per batch from a :class:`agents.synthesis.Synthesizer` (scripted student or
+    GT perturbation; a model student would be far too slow to run per batch).
+
+    ``grounding`` (optional): a second synthesizer of single-step grounding samples (``start=gt, steps=0``: the
+    step-0 prompt answered with the GT box). ``grounding_mix`` of every micro-batch comes from it, and all of the
+    first ``grounding_only`` micro-batches. ``localize`` (optional): a synthesizer of single-step grounding samples
+    on easier scenes (e.g. one object each) that supplies the whole of the first ``localize_only`` micro-batches."""
+
+    def __init__(self, synthesizer: Any, batch_size: int, seed: int = 0, indices: Optional[Sequence[int]] = None,
+                 grounding: Any = None, grounding_mix: float = 0.0, grounding_only: int = 0,
+                 localize: Any = None, localize_only: int = 0):
+        self.syn = synthesizer
+        self.localize = localize
+        self.localize_only = localize_only if localize is not None else 0
+        self.grounding = grounding
+        self.grounding_mix = grounding_mix
+        self.grounding_only = grounding_only
+        self.batch_size = batch_size
+        self.seed = seed
+        self.n = len(synthesizer.dataset) if indices is None else len(indices)
+        self.indices = indices
+        self.seen = 0  # samples drawn (kept or filtered)
+
+    def batch(self, k: int) -> list[Trajectory]:
+        """Micro-batch number ``k``: samples drawn by ``Random((seed, k))``, filtered, played as teacher
+        trajectories (single-step grounding samples first when mixed)."""
+        if k < self.localize_only:
+            return self._draw(self.localize, self.batch_size, random.Random(f"{self.seed}/{k}/localize"))
+        n_ground = 0
+        if self.grounding is not None:
+            n_ground = self.batch_size if k < self.grounding_only else int(round(self.grounding_mix * self.batch_size))
+        out = self._draw(self.grounding, n_ground, random.Random(f"{self.seed}/{k}/ground")) if n_ground else []
+        return out + self._draw(self.syn, self.batch_size - n_ground, random.Random(f"{self.seed}/{k}"))
+
+    def _draw(self, syn: Any, count: int, rng: random.Random) -> list[Trajectory]:
+        trajs: list[Trajectory] = []
+        tries = 0
+        while len(trajs) < count:
+            tries += 1
+            if tries > 50:
+                raise RuntimeError(
+                    f"online teacher data: the IoU filter [{syn.cfg.iou_min}, {syn.cfg.iou_max}] keeps "
+                    f"almost nothing ({len(trajs)} trajectories after {tries - 1} draws)"
+                )
+            want = count - len(trajs)
+            draw = [rng.randrange(self.n) for _ in range(want + want // 2 + 1)]
+            if self.indices is not None:
+                draw = [int(self.indices[i]) for i in draw]
+            recs = syn.starts(draw)
+            self.seen += len(recs)
+            kept = [r for r in recs if r["stage"] == "kept"][:want]
+            trajs += syn.trajectories(kept, keep_observations=True)
+        return trajs

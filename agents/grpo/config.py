@@ -1,0 +1,175 @@
+"""Configuration of the GRPO learner (`python -m agents.grpo train`). Every field has its own docstring: that text
+is what ``--help`` prints. Paper settings: ``configs/grpo_paper.yaml``; the CPU default: ``configs/grpo_cpu.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from agents.common.schedule import SCHEDULES
+from agents.grpo.advantages import ADVANTAGES
+from agents.grpo.losses import AGGREGATIONS, KL_ESTIMATORS
+from agents.policies.vlm_setup import LoraSettings
+from ivt_env.rewards import REWARDS
+
+
+
+@dataclass
+class GRPOConfig:
+    """Group-rollout GRPO for iterative visual thinking (IVT Sec. 3.3)."""
+
+    # ------------------------------------------------------------------------------------------------ run
+    exp_name: str = "grpo"
+    """Experiment name: part of the run folder name runs/{env}__{exp}__{seed}__{time}."""
+    seed: int = 0
+    """Seed of everything. Prompts and sampling of rank r at iteration k use a seed derived from (seed, r, k), so a
+    resumed run draws exactly what the uninterrupted run would have drawn."""
+    out: Optional[str] = None
+    """Run folder (TensorBoard events, checkpoints, config copy). Default: a fresh runs/{env}__{exp}__{seed}__{time}."""
+    runs_root: str = "runs"
+    """Parent folder of auto-named run folders."""
+    resume: bool = False
+    """Continue the run in --out from its newest checkpoint (same iteration count, optimizer, scheduler, RNG).
+    A bare `--resume` means `--resume True`."""
+    iterations: int = 200
+    """Number of iterations; each = collect prompts_per_iter groups, compute advantages, one optimizer step."""
+
+    # --------------------------------------------------------------------------------------------- env
+    env_id: str = "IVT-Synthetic-v0"
+    """Gymnasium id of the grounding env (registered by `import ivt_env`)."""
+    max_refine_steps: int = 2
+    """T: refinement steps after step 0 (episodes have T+1 steps). T=0 is the single-step variant."""
+    reward: str = "ivt"
+    """Reward given to the env: a name of ivt_env.rewards.get_reward (ivt = IVT Eq. 3) or 'pkg.mod:fn'."""
+    data_root: Optional[str] = None
+    """Folder with the datasets (real datasets only; synthetic scenes need none)."""
+    train_split: str = "train"
+    """Split the prompts are drawn from."""
+    train_limit: int = 0
+    """Use only the first K samples of the train split (0: all)."""
+    val_split: str = "val"
+    """Split of the periodic validation."""
+
+    # ------------------------------------------------------------------------------------------ policy
+    policy: str = "vlm"
+    """Policy: a name of agents.policies.make_policy or 'pkg.mod:Class' (must be a TrainablePolicy)."""
+    init_from: str = "assets/tiny-ivt-bc"
+    """Checkpoint folder the policy starts from (the behaviour-cloned SFT model, as in the paper)."""
+    reference: str = "initial"
+    """KL reference policy: initial (the start checkpoint as loaded, i.e. the SFT policy, as in the paper: a frozen
+    copy of a loaded adapter, or of all weights when fully fine-tuning) | base (a loaded adapter's base model)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapter settings."""
+    load_in_4bit: bool = False
+    """Load the base weights 4-bit NF4 (bitsandbytes), as in the paper."""
+    threads: int = 0
+    """torch CPU threads per process (0: torch's default). The tiny model's small matrix products gain nothing from
+    more threads, and OpenMP threads spinning on an oversubscribed CPU slowed a 2-thread run 20-100x here."""
+    device: Optional[str] = None
+    """Torch device (None: cuda if available, else cpu)."""
+    dtype: Optional[str] = None
+    """Model dtype (float32, bfloat16, float16; None: the policy's default)."""
+
+    # ---------------------------------------------------------------------------------------- sampling
+    group_size: int = 6
+    """N: trajectories per prompt (IVT: 6)."""
+    prompts_per_iter: int = 8
+    """Prompts (groups) collected per iteration on each rank."""
+    rollout_batch: int = 0
+    """Trajectories generated together in one lock-step batch (env slots; 0: min(prompts x N, 4 N))."""
+    temperature_first: float = 1.0
+    """Sampling temperature at step 0 (IVT: 1.0)."""
+    temperature_refine: float = 0.7
+    """Sampling temperature at refinement steps (IVT: 0.7)."""
+    max_new_tokens: int = 160
+    """Generation budget per step (IVT: 160)."""
+
+    # ------------------------------------------------------------------------------------ optimisation
+    lr: float = 2e-6
+    """AdamW learning rate (IVT: 2e-6)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    lr_schedule: str = "constant"
+    """constant | linear | cosine (after warm-up, decaying to 0 at the last iteration)."""
+    warmup_iters: int = 0
+    """Linear learning-rate warm-up, in iterations (optimizer steps)."""
+    grad_accum: int = 8
+    """Micro-batches per optimizer step: an iteration's trajectories are split into this many (IVT: 8)."""
+    updates_per_iter: int = 1
+    """Optimizer steps per collected batch (>1 reuses the batch: set clip_eps)."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (<= 0: off; the norm is still logged)."""
+
+    # -------------------------------------------------------------------------------------------- loss
+    advantage: str = "grpo"
+    """Advantage estimator: grpo (IVT Eq. 1) | dr_grpo | srpo | 'pkg.mod:fn'."""
+    adv_eps: float = 1e-6
+    """eps in (R - mean) / (std + eps)."""
+    population_std: bool = False
+    """grpo: divide by the population std (N) instead of the sample std (N - 1)."""
+    srpo_scale_edges: list[float] = field(default_factory=lambda: [0.05, 0.2])
+    """srpo: bin edges on GT box area / image area (default: small < 5%, medium < 20%, large)."""
+    srpo_balance: float = 1.0
+    """srpo: inter-bin balance exponent (1: every scale bin carries equal total weight; 0: off)."""
+    beta: float = 0.04
+    """KL coefficient against the reference (SFT) policy (IVT: 0.04; 0 skips the reference pass)."""
+    kl_estimator: str = "abs"
+    """abs (IVT: mean |log pi - log pi_ref|) | k3 (exp(d) - d - 1)."""
+    entropy_coef: float = 0.01
+    """Entropy bonus lambda (IVT: 0.01)."""
+    clip_eps: Optional[float] = None
+    """PPO ratio clipping epsilon (None: plain REINFORCE as in IVT Eq. 2)."""
+    old_logprobs: str = "rollout"
+    """Behaviour log-probs for the clipped ratio: rollout (Step.logprobs recorded while sampling; the VLM policy
+    records the model's own temperature-1 log-probs) | recompute (one extra teacher-forced pass before the first
+    update: for policies whose recorded log-probs include the sampling temperature)."""
+    aggregation: str = "token_mean"
+    """Token aggregation of the loss: token_mean | seq_mean | seq_sum_norm (see agents/grpo/losses.py)."""
+
+    # ------------------------------------------------------------------------ evaluation, logging, saving
+    eval_every: int = 10
+    """Validation every K iterations (and at the start and the end); 0: never."""
+    eval_limit: int = 100
+    """Validation samples (0: the whole split)."""
+    eval_greedy: bool = True
+    """Validation with greedy decoding (False: the training temperatures)."""
+    save_every: int = 10
+    """Checkpoint every K iterations (and at the end)."""
+    keep_last: int = 2
+    """Iteration checkpoints kept (the best one is kept apart in best/)."""
+    image_every: int = 10
+    """Trajectory strips to TensorBoard every K iterations (0: never)."""
+    num_images: int = 2
+    """Trajectory strips per logging."""
+    progress: bool = True
+    """Show tqdm progress bars."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field for inconsistent settings."""
+        checks = [
+            (self.iterations >= 0, "iterations must be >= 0"),
+            (self.group_size >= 2, "group_size must be >= 2 (group-relative advantages need 2+ trajectories)"),
+            (self.prompts_per_iter >= 1, "prompts_per_iter must be >= 1"),
+            (self.grad_accum >= 1, "grad_accum must be >= 1"),
+            (self.updates_per_iter >= 1, "updates_per_iter must be >= 1"),
+            (self.max_refine_steps >= 0, "max_refine_steps must be >= 0"),
+            (self.lr_schedule in SCHEDULES, f"lr_schedule must be one of {'|'.join(SCHEDULES)}"),
+            (self.old_logprobs in ("recompute", "rollout"), "old_logprobs must be recompute|rollout"),
+            (self.kl_estimator in KL_ESTIMATORS, f"kl_estimator must be one of {'|'.join(KL_ESTIMATORS.names())}"),
+            (self.reference in ("initial", "base"), "reference must be initial|base"),
+            (self.aggregation in AGGREGATIONS, f"aggregation must be one of {'|'.join(AGGREGATIONS.names())}"),
+            (self.updates_per_iter == 1 or self.clip_eps is not None,
+             "updates_per_iter > 1 reuses stale samples: set clip_eps (e.g. 0.2)"),
+            (not self.resume or self.out, "--resume needs --out DIR (the run folder to continue)"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"GRPO config: {msg}")
+        for field_name, registry in (("advantage", ADVANTAGES), ("reward", REWARDS)):  # names before any work
+            spec = getattr(self, field_name)
+            if spec is not None:
+                try:
+                    registry.get(spec)
+                except ValueError as exc:
+                    raise ValueError(f"GRPO config: {field_name}: {exc}") from None

@@ -1,0 +1,79 @@
+"""A policy that plays planned teacher trajectories, so the rollout collector can record them in the env.
+
+Teacher trajectories are played *through the env*: each step's observation (step 0 the original image, step t the
+overlay of box t-1) is exactly the image the student will see at inference, because the env rendered it from the
+parsed text, as it does for any policy (IVT Sec. 3.2, forward-reasoning framing).
+
+:class:`PlannedTeacher` holds, per sample id, the planned boxes (``interpolate_boxes`` from the start box to the
+GT) and writes at step t ``"<think>{reasoning}</think> [box_t]"``. The reasoning comes from the offline geometric
+teacher, or from a ``reasoner`` (the VLM teacher of :mod:`agents.synthesis.vlm_reasoner`) that sees the step's observation.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+from rollouts.policy import Policy, PolicyOutput, SamplingParams
+from agents.teacher.geometric import format_step, geometric_reasoning
+
+# reasoner(images, expressions, prev_boxes, new_boxes, gt_boxes, steps) -> one reasoning text per item ("" = none)
+Reasoner = Callable[[Sequence[Any], Sequence[str], Sequence[Optional[list]], Sequence[list], Sequence[list], Sequence[int]], list[str]]
+
+
+class PlannedTeacher(Policy):
+    """Plays ``plans[sample_id]`` (T+1 normalised boxes) with step reasoning. Needs ``info["sample_id"]`` and
+    ``info["gt_box_norm"]`` (a teacher may read the GT; model policies must not)."""
+
+    name = "planned_teacher"
+
+    def __init__(
+        self,
+        plans: Mapping[str, Sequence[Sequence[int]]],
+        *,
+        verbosity: int = 0,
+        reasoner: Optional[Reasoner] = None,
+        seed: Optional[int] = 0,
+    ):
+        self.plans = dict(plans)
+        self.verbosity = verbosity
+        self.reasoner = reasoner
+        self.rng = random.Random(seed)
+        self.fallbacks = 0  # steps where the reasoner returned nothing usable and the geometric text was used
+
+    def seed(self, seed: Optional[int]) -> None:
+        self.rng = random.Random(seed)
+
+    def act(
+        self,
+        observations: Sequence[Mapping[str, Any]],
+        histories: Sequence[Sequence[PolicyOutput]],
+        infos: Sequence[Mapping[str, Any]],
+        sampling: SamplingParams,
+    ) -> list[PolicyOutput]:
+        items = []
+        for obs, hist, info in zip(observations, histories, infos):
+            sid = info["sample_id"]
+            if sid not in self.plans:
+                raise KeyError(f"PlannedTeacher: no planned boxes for sample {sid!r}")
+            boxes = self.plans[sid]
+            t = len(hist)
+            if t >= len(boxes):
+                raise ValueError(f"PlannedTeacher: sample {sid!r} asked for step {t}, the plan has {len(boxes)} boxes")
+            prev = list(boxes[t - 1]) if t > 0 else None
+            items.append((obs, info, t, prev, list(boxes[t]), list(info["gt_box_norm"])))
+        texts: list[str] = [""] * len(items)
+        if self.reasoner is not None and items:
+            texts = list(self.reasoner(
+                [o["image"] for o, *_ in items], [o["expression"] for o, *_ in items],
+                [it[3] for it in items], [it[4] for it in items], [it[5] for it in items], [it[2] for it in items],
+            ))
+        out = []
+        for (obs, _info, t, prev, new, gt), text in zip(items, texts):
+            source = "vlm" if text else "geometric"
+            if not text:
+                if self.reasoner is not None:
+                    self.fallbacks += 1
+                text = geometric_reasoning(prev, new, gt, t, obs["expression"], self.rng, self.verbosity)
+            out.append(PolicyOutput(text=format_step(text, new), extra={"teacher": source}))
+        return out

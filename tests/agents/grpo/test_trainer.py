@@ -1,0 +1,152 @@
+"""GRPO learner end to end on the tiny VLM: one iteration trains only the LoRA weights; a killed run resumes exactly
+like an uninterrupted one; the CLI lists every field and fails clearly without a start checkpoint."""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from agents.grpo import trainer as grpo
+from agents.common.checkpoint import latest_checkpoint, read_state
+from agents.grpo.config import GRPOConfig
+from agents.policies.vlm_setup import LoraSettings as LoraConfig
+from agents.common.run_logging import read_scalars
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def alternating_advantages(rewards, **_):
+    """Test estimator (plugged in by import path): +1/-1 inside every group, so the policy-gradient term is never
+    zero even when a random model earns no reward."""
+    a = torch.ones_like(rewards)
+    a[:, 1::2] = -1.0
+    return a
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from agents.policies.tiny import build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    build_tiny_model(str(out), seed=0)
+    return str(out)
+
+
+def _cfg(model, out, **kw):
+    base = dict(init_from=model, out=str(out), iterations=1, max_refine_steps=1, group_size=2, prompts_per_iter=2,
+                grad_accum=2, max_new_tokens=6, lr=1e-2, eval_every=0, save_every=1, image_every=0,
+                progress=False, lora=LoraConfig(enabled=True, rank=4, alpha=8),
+                advantage="tests.agents.grpo.test_trainer:alternating_advantages")
+    base.update(kw)
+    return GRPOConfig(**base)
+
+
+def _model_state(policy):
+    return {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+
+
+def test_one_iteration_changes_only_the_lora_weights(tiny_model, tmp_path, monkeypatch):
+    from agents.grpo import setup as grpo_setup
+
+    built = {}
+    real_build = grpo_setup.build_policy
+
+    def spy(cfg):
+        built["policy"] = p = real_build(cfg)
+        built["before"] = _model_state(p)
+        return p
+
+    monkeypatch.setattr(grpo, "build_policy", spy)
+    summary = grpo.train(_cfg(tiny_model, tmp_path / "run", image_every=1, num_images=1))
+    assert summary["iterations"] == 1
+    policy, before = built["policy"], built["before"]
+    after = _model_state(policy)
+    trainable = {n for n, p in policy.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    changed = {n for n in after if not torch.equal(after[n], before[n])}
+    assert changed and changed <= trainable  # LoRA weights moved, nothing else did
+    assert any("lora_B" in n for n in changed)
+
+    # logs: every named scalar, an image, the hparams table; a complete checkpoint
+    tags = set().union(*[set(r) for r in read_scalars(tmp_path / "run")])
+    for tag in ["rollout/reward_mean", "rollout/iou_step0", "rollout/iou_step1", "rollout/improve_rate",
+                "rollout/stagnation_rate", "rollout/degradation_rate", "rollout/format_rate",
+                "rollout/frac_zero_std_groups", "train/loss", "train/kl", "train/entropy", "train/grad_norm",
+                "train/lr", "time/rollout_s", "time/update_s"]:
+        assert tag in tags, tag
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(str(tmp_path / "run"))
+    ea.Reload()
+    assert ea.Tags()["images"] and "_hparams_/experiment" in ea.PluginTagToContent("hparams")
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert ckpt.name == "iter_000001" and read_state(ckpt)["iteration"] == 1
+    assert (ckpt / "policy" / "adapter_config.json").is_file()
+
+
+def _final(run):
+    ckpt = latest_checkpoint(run)
+    return (read_state(ckpt), torch.load(ckpt / "trainable.pt", weights_only=True),
+            torch.load(ckpt / "optimizer.pt", weights_only=True))
+
+
+def test_killed_run_resumes_like_an_uninterrupted_one(tiny_model, tmp_path, monkeypatch):
+    kw = dict(iterations=3, eval_every=2, eval_limit=2, advantage="grpo", lr_schedule="cosine")
+    grpo.train(_cfg(tiny_model, tmp_path / "full", **kw))
+
+    calls = {"n": 0}
+    real_update = grpo.policy_update
+
+    def dies_in_third_update(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")  # the process dies mid-iteration 3, after checkpoint 2
+        return real_update(*a, **k)
+
+    monkeypatch.setattr(grpo, "policy_update", dies_in_third_update)
+    with pytest.raises(KeyboardInterrupt):
+        grpo.train(_cfg(tiny_model, tmp_path / "killed", **kw))
+    assert latest_checkpoint(tmp_path / "killed").name == "iter_000002"
+    monkeypatch.setattr(grpo, "policy_update", real_update)
+    summary = grpo.train(_cfg(tiny_model, tmp_path / "killed", resume=True, **kw))
+    assert summary["iterations"] == 3
+
+    (s_full, p_full, o_full), (s_res, p_res, o_res) = _final(tmp_path / "full"), _final(tmp_path / "killed")
+    assert s_full["iteration"] == s_res["iteration"] == 3
+    assert s_full["evals"] == s_res["evals"]
+    assert len(p_full) == len(p_res) and all(torch.equal(a, b) for a, b in zip(p_full, p_res))
+    assert o_full["param_groups"] == o_res["param_groups"]
+    for k, st in o_full["state"].items():
+        assert st["step"] == o_res["state"][k]["step"] == 3
+        assert torch.equal(st["exp_avg"], o_res["state"][k]["exp_avg"])
+        assert torch.equal(st["exp_avg_sq"], o_res["state"][k]["exp_avg_sq"])
+    # the resumed run's scalar log has each iteration once, as the uninterrupted one
+    steps = lambda run: [r["step"] for r in read_scalars(run) if "train/loss" in r]  # noqa: E731
+    assert steps(tmp_path / "killed") == steps(tmp_path / "full") == [1, 2, 3]
+
+
+def test_cli_help_lists_every_field():
+    out = subprocess.run([sys.executable, "-m", "agents.grpo", "train", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    for f in dataclasses.fields(GRPOConfig):
+        assert "--" + f.name.replace("_", "-") in text or "--" + f.name in text, f.name
+    for f in dataclasses.fields(LoraConfig):
+        assert "--lora." + f.name.replace("_", "-") in text or "--lora." + f.name in text, f.name
+
+
+def test_missing_start_checkpoint_and_resume_errors(tiny_model, tmp_path):
+    with pytest.raises(FileNotFoundError, match="agents.bc"):
+        grpo.train(GRPOConfig(init_from=str(tmp_path / "nope"), out=str(tmp_path / "r"), progress=False))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        grpo.train(GRPOConfig(init_from=tiny_model, out=str(tmp_path / "r2"), resume=True, progress=False))
+    with pytest.raises(ValueError, match="clip_eps"):
+        grpo.train(GRPOConfig(updates_per_iter=2))
+    from agents.common.config import train_argv
+
+    assert train_argv(["--resume", "--out", "x"], GRPOConfig, "grpo_cpu.yaml") == [
+        "--config", "grpo_cpu.yaml", "--resume", "True", "--out", "x"]
