@@ -231,9 +231,10 @@ def _save(run_dir, cfg, policy, optimizer, scheduler, state, dist, directory: Op
     digests = distributed.gather_objects(distributed.param_digest(policy.trainable_parameters()))
     if len(set(digests)) != 1:  # data-parallel replicas must stay bit-identical
         raise RuntimeError(f"trainable parameters differ between ranks at iteration {state['iteration']}: {digests}")
+    # every rank (identical replicas): all raise together, none waits at the barrier for a rank that stopped
+    check_finite_state(list(policy.trainable_parameters()), optimizer,
+                       what=f"checkpoint of iteration {state['iteration']}")
     if dist.is_main:
-        check_finite_state(list(policy.trainable_parameters()), optimizer,
-                           what=f"checkpoint of iteration {state['iteration']}")
         full = {**state, "world_size": dist.world_size, "config": to_dict(cfg), "param_sha256": digests}
         target = directory or checkpoint_dir(run_dir, state["iteration"])
         save_checkpoint(target, policy=policy, optimizer=optimizer, scheduler=scheduler, state=full, rng_states=rng)

@@ -126,3 +126,19 @@ def test_dr_grpo_needs_seq_sum_norm():
         GRPOConfig(advantage="dr_grpo").validate()
     GRPOConfig(advantage="dr_grpo", aggregation="seq_sum_norm").validate()
     GRPOConfig(advantage="centered").validate()
+
+
+def test_save_never_writes_a_nonfinite_checkpoint(tmp_path):
+    from agents.distributed import DistInfo
+    from tests.agents.toy_policy import ToyBoxPolicy
+
+    cfg = _cfg(tmp_path / "run")
+    pol = ToyBoxPolicy()
+    opt = torch.optim.AdamW(pol.trainable_parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    with torch.no_grad():
+        pol.logits[0, 0] = math.nan
+    state = {"iteration": 3, "best_val_reward": None, "best_iteration": None, "evals": []}
+    with pytest.raises(NonFiniteUpdateError, match="checkpoint of iteration 3: trainable parameter 0"):
+        grpo._save(tmp_path / "run", cfg, pol, opt, sched, state, DistInfo())
+    assert latest_checkpoint(tmp_path / "run") is None
