@@ -197,7 +197,8 @@ def srpo_advantages(rewards: torch.Tensor, *, scales: Optional[torch.Tensor] = N
     """Scale Relative Policy Optimization, Ground-R1 (Cao et al., arXiv:2505.20272v3, 2026, Sec. "SRPO").
 
     Inputs: rewards ``R`` (G, N); ``scales`` a (G, N): the area of the region rollout (g, i) grounds (its own final
-    box) / image area, NaN when it has no valid box. Per group g (Ground-R1 compares the rollouts of one question):
+    box) / image area, NaN when it has no valid box. Per group g (our reading: Ground-R1 replaces GRPO's normalisation
+    over the rollouts of one question, so bins and their statistics are those of the group's rollouts):
 
     1. Evidence region discretisation: ``s(i) = min(floor(K a_i) + 1, K)`` in 1..K (K equal-width area bins;
        Ground-R1 uses K = 3). A rollout without a valid box goes to bin 0 of its own (our choice: it grounds no
@@ -209,9 +210,11 @@ def srpo_advantages(rewards: torch.Tensor, *, scales: Optional[torch.Tensor] = N
        normalised over the group: ``(r_inter_i - mean) / (std + eps)``.
     4. ``A_gi = intra + inter`` (Ground-R1's scale-aware advantage).
 
-    std is the sample std like ``grpo`` (``population_std=True``: divisor n). Source: the Ground-R1 v3 formulas as
-    summarised in a third-party paper digest (the seed gives only the abstract; the released Ground-R1 code is the
-    older v1 method without SRPO); the tie rule and the invalid-box bin are ours.
+    std is the sample std like ``grpo`` (``population_std=True``: divisor n), eps as ``grpo``. Source: the formulas of
+    Ground-R1 v3 ("Thinking with Images via Scale Relative Policy Optimization", 2026-02) as restated in a
+    third-party digest of the paper; the seed gives only the abstract and the released code (github.com/zzzhhzzz/
+    Ground-R1) is the earlier version without SRPO. The per-group scope, the tie rule, the invalid-box bin and the
+    std convention are our reading.
     """
     if scales is None:
         raise ValueError("srpo advantages need `scales`: the grounded box area fraction of each rollout, shape (G, N)")
