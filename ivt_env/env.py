@@ -11,7 +11,7 @@ from gymnasium import spaces
 from ivt_env.boxes import NORM_MAX, iou, parse_box, to_norm, to_pixels
 from ivt_env.datasets.base import DatasetError, GroundingDataset, Sample
 from ivt_env.rendering import Overlay, OverlayStyle
-from ivt_env.rewards import RewardFn, get_reward
+from ivt_env.rewards import RewardFn, call_reward, get_reward, reward_extras
 from ivt_env.spaces import FreeText, ImageSpace
 
 MAX_EXPRESSION_CHARS = 4096
@@ -45,7 +45,8 @@ class GroundingRefineEnv(gym.Env):
     - ``prev_valid``: ``Discrete(2)``, 1 when ``prev_box`` holds a valid box.
 
     ## Rewards
-    ``reward_fn(ious, valids, *, step, max_steps)`` (see :mod:`ivt_env.rewards`). Default IVT Eq. 3: 0 at
+    ``reward_fn(ious, valids, *, step, max_steps)``, plus ``boxes=`` (each step's [0, 1000] box) for a reward that
+    names that parameter (see :mod:`ivt_env.rewards`). Default IVT Eq. 3: 0 at
     intermediate steps and ``IoU(final box, GT) + 0.1 * (fraction of steps with a valid box)`` at the last step.
 
     ## Starting State
@@ -60,7 +61,7 @@ class GroundingRefineEnv(gym.Env):
     ``sample_id, dataset, source`` (the sample's origin, e.g. within ``mix``), ``index, gt_box`` (xyxy pixels),
     ``gt_box_norm``, ``width, height, step`` (index of the step reported, -1 after reset), ``max_steps`` (T),
     ``box`` (pixels or None), ``box_norm``, ``valid``, ``reason`` (why the box is invalid, else None), ``iou``,
-    ``ious`` and ``valids`` (all steps so far).
+    ``ious``, ``valids`` and ``boxes_norm`` (all steps so far; ``None`` for a step without a valid box).
 
     ## Arguments
     - ``dataset``: a name for :func:`ivt_env.datasets.load_dataset` (``synthetic``, ``refcocog``, ``refadv``,
@@ -102,6 +103,7 @@ class GroundingRefineEnv(gym.Env):
         self.render_mode = render_mode
         self.max_refine_steps = int(max_refine_steps)
         self.reward_fn = get_reward(reward_fn)
+        self._reward_extras = reward_extras(self.reward_fn)  # e.g. {"boxes"}: read once, not per step
         self.overlay_style = OverlayStyle.coerce(overlay)
         self.dataset = _resolve_dataset(dataset, split, data_root, dataset_kwargs)
         self.dataset_name = str(getattr(self.dataset, "name", type(self.dataset).__name__))
@@ -146,6 +148,7 @@ class GroundingRefineEnv(gym.Env):
         self._gt_norm = to_norm(self._gt, sample.width, sample.height)
         self._ious: list[float] = []
         self._valids: list[bool] = []
+        self._boxes: list[Optional[tuple]] = []  # [0, 1000] box of each step, None when invalid
         self._t = 0
         self._frame = image.copy()  # a new array: the caller may write into observations
         obs = self._observation(None)
@@ -165,7 +168,9 @@ class GroundingRefineEnv(gym.Env):
         score = iou(box_px, self._gt) if box_px is not None else 0.0
         self._ious.append(score)
         self._valids.append(box_px is not None)
-        reward = float(self.reward_fn(list(self._ious), list(self._valids), step=t, max_steps=T))
+        self._boxes.append(tuple(box_norm) if box_px is not None else None)
+        reward = call_reward(self.reward_fn, self._reward_extras, self._ious, self._valids, step=t, max_steps=T,
+                             boxes=self._boxes)
         self._t = t + 1
         self._frame = self._overlay.draw(box_px)  # None draws nothing: a plain copy of the original
         obs = self._observation(box_norm)
@@ -244,6 +249,7 @@ class GroundingRefineEnv(gym.Env):
             "iou": score,
             "ious": list(self._ious),
             "valids": list(self._valids),
+            "boxes_norm": list(self._boxes),
         }
 
 

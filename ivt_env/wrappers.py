@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 import gymnasium as gym
 
-from ivt_env.rewards import RewardFn, get_reward, reward_name
+from ivt_env.rewards import RewardFn, call_reward, get_reward, reward_extras, reward_name
 
 
 class ShapedRewardWrapper(gym.Wrapper):
@@ -39,6 +39,7 @@ class ShapedRewardWrapper(gym.Wrapper):
     def __init__(self, env: gym.Env, shaping: Union[str, RewardFn] = "shaped", scale: float = 1.0):
         super().__init__(env)
         self.shaping = get_reward(shaping)
+        self._extras = reward_extras(self.shaping)
         self.scale = float(scale)
 
     def step(self, action):
@@ -50,7 +51,8 @@ class ShapedRewardWrapper(gym.Wrapper):
     def shaping_reward(self, info: dict[str, Any]) -> float:
         """``scale * shaping(...)`` for the step ``info`` describes."""
         T = info.get("max_steps", self.env.unwrapped.max_refine_steps)
-        extra = self.shaping(list(info["ious"]), list(info["valids"]), step=info["step"], max_steps=T)
+        extra = call_reward(self.shaping, self._extras, info["ious"], info["valids"], step=info["step"], max_steps=T,
+                            boxes=info.get("boxes_norm"))
         return self.scale * float(extra)
 
     def __repr__(self) -> str:

@@ -13,7 +13,7 @@ from tests.ivt_env.fake_data import FakeDataset
 
 INFO_KEYS = {
     "sample_id", "dataset", "source", "index", "gt_box", "gt_box_norm", "width", "height", "step",
-    "max_steps", "box", "box_norm", "valid", "reason", "iou", "ious", "valids",
+    "max_steps", "box", "box_norm", "valid", "reason", "iou", "ious", "valids", "boxes_norm",
 }
 
 
