@@ -9,12 +9,11 @@ import numpy as np
 from gymnasium import spaces
 
 from ivt_env.boxes import NORM_MAX, iou, parse_box, to_norm, to_pixels
-from ivt_env.datasets.base import DatasetError, GroundingDataset, Sample
+from ivt_env.datasets.base import MAX_EXPRESSION_CHARS, DatasetError, GroundingDataset, Sample
 from ivt_env.rendering import Overlay, OverlayStyle
 from ivt_env.rewards import RewardFn, get_reward
 from ivt_env.spaces import FreeText, ImageSpace
 
-MAX_EXPRESSION_CHARS = 4096
 MAX_ACTION_CHARS = 16384
 
 
