@@ -192,7 +192,7 @@ class EvalConfig:
     steps: int = 2
     """T, refinement steps after step 0 (the paper uses 2; 0 evaluates single-shot answers)."""
     split: str = "test"
-    """Dataset split: train, val or test."""
+    """Dataset split: train, val or test (refadv also all: its whole upstream split)."""
     limit: Optional[int] = None
     """Evaluate the first N samples of the split (None: all of them)."""
     out: Optional[str] = None

@@ -65,7 +65,8 @@ class GroundingRefineEnv(gym.Env):
     - ``dataset``: a name for :func:`ivt_env.datasets.load_dataset` (``synthetic``, ``refcocog``, ``refadv``,
       ``refl4``, ``mix``) or a dataset object with ``name``, ``__len__``, ``__getitem__`` -> ``Sample`` and
       ``sample_ids``.
-    - ``split``: dataset split (``train``, ``val``, ``test``); ignored for a dataset object.
+    - ``split``: dataset split (``train``, ``val``, ``test``; ``refadv`` also ``all``, its 1,142 rows:
+      ``ivt_env.datasets.dataset_splits(name)``); ignored for a dataset object.
     - ``max_refine_steps``: T, refinement steps after step 0 (default 2, as in the paper).
     - ``reward_fn``: ``None`` (IVT Eq. 3), a callable, a registered name or ``"pkg.module:attr"``.
     - ``data_root``: where the datasets lie; ``None`` lets the loader use ``$IVT_DATA``.

@@ -28,10 +28,28 @@ _REGISTRY = {
 DATASET_NAMES = tuple(_REGISTRY)
 
 
+def _key(name: str) -> str:
+    key = name.lower().replace("-", "").replace("_", "")
+    return {"refadvs": "refadv"}.get(key, key)
+
+
+def dataset_splits(name: str) -> tuple[str, ...]:
+    """The split names dataset ``name`` knows, e.g. ``("train", "val", "test", "all")`` for refadv (whose ``all`` is
+    its whole single upstream split). Synthetic also takes any name with ``num_samples`` / ``split_sizes``."""
+    key = _key(name)
+    if key not in _REGISTRY:
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(_REGISTRY)}")
+    module = importlib.import_module(_REGISTRY[key].split(":")[0])
+    if key == "synthetic":
+        return tuple(module.DEFAULT_SPLIT_SIZES)
+    if key == "mix":
+        return tuple(module.PAPER_PER_DATASET)
+    return tuple(module.SPLITS)
+
+
 def load_dataset(name: str, split: str = "train", data_root: Optional[str] = None, **kwargs) -> GroundingDataset:
     """Build dataset ``name`` for ``split``. ``synthetic`` ignores ``data_root``; kwargs go to the dataset class."""
-    key = name.lower().replace("-", "").replace("_", "")
-    key = {"refadvs": "refadv"}.get(key, key)
+    key = _key(name)
     if key not in _REGISTRY:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(_REGISTRY)}")
     mod_name, attr = _REGISTRY[key].split(":")
@@ -50,5 +68,6 @@ __all__ = [
     "Sample",
     "SyntheticDataset",
     "VOCABULARY",
+    "dataset_splits",
     "load_dataset",
 ]

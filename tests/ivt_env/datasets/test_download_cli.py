@@ -129,3 +129,20 @@ def test_cli_info_synthetic_text(capsys):
     assert main(["info", "synthetic", "--split", "val", "--show", "2"]) == 0
     out = capsys.readouterr().out
     assert "synthetic/val: 200 samples" in out and "synthetic-val-000001" in out
+
+
+def test_cli_info_lists_every_split_including_all(tmp_path, capsys):
+    from ivt_env.datasets import dataset_splits
+
+    assert dataset_splits("refadv") == ("train", "val", "test", "all")
+    assert dataset_splits("Ref-Adv-s") == ("train", "val", "test", "all")
+    assert dataset_splits("synthetic") == ("train", "val", "test")
+    root = fx.write_refadv(str(tmp_path), n_rows=24)
+    assert main(["info", "refadv", "--root", root, "--json"]) == 0
+    splits = json.loads(capsys.readouterr().out)["splits"]
+    assert list(splits) == ["train", "val", "test", "all"]
+    assert splits["all"]["samples"] == 24 == sum(splits[s]["samples"] for s in ("train", "val", "test"))
+    with pytest.raises(SystemExit):
+        main(["info", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "refadv: train, val, test, all" in out
