@@ -65,9 +65,9 @@ def _build_collector(env: Union[EnvSource, Collector], split: str, steps: int, d
         if data_root is not None:
             kwargs["data_root"] = data_root
         envs = [gym.make(env, **kwargs) for _ in range(max(1, num_envs or n_hint))]
-        return Collector(envs), True
+        return Collector(envs, own_envs=True), True
     if callable(env) and not isinstance(env, (gym.Env, gym.vector.VectorEnv)):
-        return Collector([env() for _ in range(max(1, num_envs or n_hint))]), True
+        return Collector([env() for _ in range(max(1, num_envs or n_hint))], own_envs=True), True
     return Collector(env, num_envs=num_envs), False
 
 

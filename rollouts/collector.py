@@ -25,6 +25,7 @@ import gymnasium as gym
 import numpy as np
 
 from agents.policies.base import Policy, PolicyOutput, SamplingParams
+from ivt_env.wrappers import close_vector_env
 from rollouts.types import Step, Trajectory
 
 EnvSource = Union[gym.Env, gym.vector.VectorEnv, Sequence[gym.Env], Callable[[], gym.Env], str]
@@ -80,14 +81,15 @@ class _ListSlots:
 
     def close(self) -> None:
         if self.owned:
-            for env in self.envs:
-                env.close()
+            for env in self.envs:  # one failing close must not leave the others open
+                close_vector_env(env)
 
 
 class _VectorSlots:
     """A gymnasium vector env; slots without work (last, partial batch) replay the batch's first sample."""
 
-    def __init__(self, vec: gym.vector.VectorEnv):
+    def __init__(self, vec: gym.vector.VectorEnv, owned: bool = False):
+        self.owned = owned
         mode = getattr(vec, "autoreset_mode", None) or vec.metadata.get("autoreset_mode")
         if mode is not None and getattr(mode, "name", str(mode)) == "SAME_STEP":
             raise ValueError("collect_groups: vector envs with autoreset_mode SAME_STEP are not supported "
@@ -121,8 +123,9 @@ class _VectorSlots:
         return {s: (_unbatch_obs(obs, s), float(rew[s]), bool(term[s]), bool(trunc[s]), unbatch_info(info, s))
                 for s in actions}
 
-    def close(self) -> None:  # the caller owns the vector env
-        pass
+    def close(self) -> None:
+        if self.owned:  # robustly: an async env with a dead worker must not leave the other workers running
+            close_vector_env(self.vec)
 
 
 def _as_output(o: Any, where: str) -> PolicyOutput:
@@ -138,18 +141,23 @@ def _list_or_none(v: Any) -> Optional[list[float]]:
 
 
 class Collector:
-    """Holds the env slots across calls (GRPO collects every iteration; datasets load once)."""
+    """Holds the env slots across calls (GRPO collects every iteration; datasets load once).
 
-    def __init__(self, envs: EnvSource, num_envs: Optional[int] = None, env_kwargs: Optional[dict] = None):
+    ``own_envs=True`` hands a given vector env / env / list of envs to the collector: ``close()`` closes them
+    (robustly: :func:`ivt_env.wrappers.close_vector_env`). Envs it builds from an id or factory are always its own.
+    """
+
+    def __init__(self, envs: EnvSource, num_envs: Optional[int] = None, env_kwargs: Optional[dict] = None,
+                 own_envs: bool = False):
         self._explicit_n = num_envs
         if isinstance(envs, gym.vector.VectorEnv):
-            self.slots: Any = _VectorSlots(envs)
+            self.slots: Any = _VectorSlots(envs, owned=own_envs)
         elif isinstance(envs, gym.Env):
-            self.slots = _ListSlots([envs], owned=False)
+            self.slots = _ListSlots([envs], owned=own_envs)
         elif isinstance(envs, (list, tuple)):
             if not envs or not all(isinstance(e, gym.Env) for e in envs):
                 raise TypeError("collect_groups: a list of envs must be non-empty and hold gymnasium.Env objects")
-            self.slots = _ListSlots(envs, owned=False)
+            self.slots = _ListSlots(envs, owned=own_envs)
         elif isinstance(envs, str) or callable(envs):
             self.slots = None  # built lazily once the batch size is known
             kwargs = dict(env_kwargs or {})

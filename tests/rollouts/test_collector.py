@@ -134,3 +134,44 @@ def test_unbatch_info():
     assert unbatch_info(info, 0) == {"a": 1, "c": {"d": 0.5}}
     assert unbatch_info(info, 1) == {"a": 2, "b": (1, 2), "c": {"d": 1.5}}
     assert type(unbatch_info(info, 0)["a"]) is int
+
+
+def _async_vec(n=3):
+    import ivt_env  # noqa: F401
+
+    return gym.vector.AsyncVectorEnv(
+        [lambda: gym.make("IVT-Synthetic-v0", split="test", max_refine_steps=1) for _ in range(n)], context="fork"
+    )
+
+
+def test_owned_async_vector_env_closes_after_a_worker_died(caplog):
+    import logging
+    import os
+    import signal
+
+    from ivt_env.wrappers import close_vector_env
+
+    # Gymnasium's own close raises on a dead worker and leaves the others running: the behaviour we guard against
+    vec = _async_vec()
+    vec.reset(seed=0)
+    os.kill(vec.processes[1].pid, signal.SIGKILL)
+    vec.processes[1].join(5)
+    with pytest.raises((BrokenPipeError, EOFError, ConnectionError)):
+        vec.close()
+    lingering = [p for p in vec.processes if p.is_alive()]
+    assert lingering  # workers 0 and 2 never got joined
+    close_vector_env(vec)  # the robust close also mops up after a failed plain close
+    assert not any(p.is_alive() for p in vec.processes)
+
+    # a Collector that owns the vector env closes it without raising and stops every worker
+    vec = _async_vec()
+    collector = Collector(vec, own_envs=True)
+    trajs = collector.collect(RandomPolicy(), [0, 1, 2], group_size=1, seed=0)
+    assert len(trajs) == 3
+    os.kill(vec.processes[0].pid, signal.SIGKILL)
+    vec.processes[0].join(5)
+    with caplog.at_level(logging.WARNING, logger="ivt_env.wrappers"):
+        collector.close()
+    assert not any(p.is_alive() for p in vec.processes) and vec.closed
+    assert "close failed" in caplog.text and "-9" in caplog.text
+    close_vector_env(vec)  # closing again is a no-op
