@@ -54,6 +54,17 @@ def _first_env(collector: Collector) -> Any:
     return getattr(slots.vec, "envs", [None])[0]  # SyncVectorEnv holds its envs; AsyncVectorEnv does not
 
 
+def _envs_sharing_one_dataset(env_id: str, kwargs: dict, n: int) -> list:
+    """``n`` envs of ``env_id`` over ONE loaded dataset: the first env loads it (checks, bad-record report), the
+    others get the same dataset object, so a large split is read and reported once, not once per env."""
+    first = gym.make(env_id, **kwargs)
+    dataset = getattr(first.unwrapped, "dataset", None)
+    if dataset is None:
+        return [first] + [gym.make(env_id, **kwargs) for _ in range(n - 1)]
+    shared = {k: v for k, v in kwargs.items() if k not in ("data_root", "dataset_kwargs")}
+    return [first] + [gym.make(env_id, **dict(shared, dataset=dataset)) for _ in range(n - 1)]
+
+
 def _build_collector(env: Union[EnvSource, Collector], split: str, steps: int, data_root: Optional[str],
                      env_kwargs: Optional[dict], num_envs: Optional[int], n_hint: int) -> tuple[Collector, bool]:
     if isinstance(env, Collector):
@@ -64,8 +75,7 @@ def _build_collector(env: Union[EnvSource, Collector], split: str, steps: int, d
         kwargs = dict(split=split, max_refine_steps=steps, **dict(env_kwargs or {}))
         if data_root is not None:
             kwargs["data_root"] = data_root
-        envs = [gym.make(env, **kwargs) for _ in range(max(1, num_envs or n_hint))]
-        return Collector(envs, own_envs=True), True
+        return Collector(_envs_sharing_one_dataset(env, kwargs, max(1, num_envs or n_hint)), own_envs=True), True
     if callable(env) and not isinstance(env, (gym.Env, gym.vector.VectorEnv)):
         return Collector([env() for _ in range(max(1, num_envs or n_hint))], own_envs=True), True
     return Collector(env, num_envs=num_envs), False
