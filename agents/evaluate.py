@@ -34,6 +34,7 @@ from agents.policies.base import Policy, SamplingParams
 from agents.report import format_report
 from agents.tb import log_metrics, log_strips, log_text
 from agents.viz import save_strip, trajectory_strip
+from ivt_env.datasets.base import DatasetError
 from rollouts.collector import Collector, EnvSource
 from rollouts.storage import safe_name, save_trajectories
 
@@ -133,6 +134,9 @@ def evaluate(
         trajs = collector.collect(policy, range(n), group_size, sampling, seed=seed,
                                   keep_observations=save_images, progress=progress)
         elapsed = time.perf_counter() - t0
+        skipped = list(collector.last_skipped)  # bad records met at reset: logged by the collector, listed in meta
+        if not trajs:
+            raise DatasetError(f"evaluate: every sample failed at reset, e.g. {skipped[0]}")
         metrics = compute_metrics(trajs)
         strips = []
         for traj in trajs[: max(0, num_strips)]:
@@ -150,7 +154,8 @@ def evaluate(
         split = getattr(getattr(getattr(first, "unwrapped", None), "dataset", None), "split", None)
     meta = {"policy": name, "env": env if isinstance(env, str) else env_name, "split": split,
             "steps": metrics["steps"], "limit": limit, "group_size": group_size, "seed": seed,
-            "sampling": dataclasses.asdict(sampling), "seconds": elapsed, "trajectories_per_s": len(trajs) / elapsed}
+            "sampling": dataclasses.asdict(sampling), "seconds": elapsed, "trajectories_per_s": len(trajs) / elapsed,
+            "skipped_samples": skipped}
     report = format_report(metrics, name=name)
     own_logger = None
     if out_dir is not None:
@@ -167,7 +172,7 @@ def evaluate(
 
             writer = own_logger = RunLogger(out)
     try:
-        log_metrics(writer, metrics, global_step, prefix)
+        log_metrics(writer, {**metrics, "skipped_samples": len(skipped)}, global_step, prefix)
         log_strips(writer, strips, global_step, prefix)
         log_text(writer, f"{prefix.rstrip('/')}/report", report, global_step)
     finally:

@@ -175,3 +175,47 @@ def test_owned_async_vector_env_closes_after_a_worker_died(caplog):
     assert not any(p.is_alive() for p in vec.processes) and vec.closed
     assert "close failed" in caplog.text and "-9" in caplog.text
     close_vector_env(vec)  # closing again is a no-op
+
+
+def test_bad_record_at_reset_is_skipped_counted_and_named(caplog):
+    import logging
+
+    from ivt_env.datasets.base import DatasetError, ListDataset, Sample
+    from ivt_env.env import GroundingRefineEnv
+
+    calls = {"bad": 0}
+
+    def good(i):
+        return lambda: np.full((32, 32, 3), i, np.uint8)
+
+    def bad():
+        calls["bad"] += 1
+        raise DatasetError("sample s-1: cannot read image /data/s-1.jpg: OSError: image file is truncated")
+
+    samples = [Sample(f"s-{i}", f"thing {i}", (4.0, 4.0, 20.0, 20.0), 32, 32, "t", bad if i == 1 else good(i))
+               for i in range(4)]
+    samples.append(Sample("s-4", "x" * 5000, (4.0, 4.0, 20.0, 20.0), 32, 32, "t", good(4)))  # over the env's limit
+    ds = ListDataset(samples)
+    for make in (lambda: [GroundingRefineEnv(ds, max_refine_steps=1) for _ in range(3)],
+                 lambda: gym.vector.SyncVectorEnv([lambda: GroundingRefineEnv(ds, max_refine_steps=1)] * 3)):
+        calls["bad"] = 0
+        collector = Collector(make())
+        with caplog.at_level(logging.WARNING, logger="rollouts.collector"):
+            caplog.clear()
+            trajs = collector.collect(RandomPolicy(), [0, 1, 2, 4, 3], group_size=2, seed=0)
+        assert [t.sample_id for t in trajs] == ["s-0", "s-0", "s-2", "s-2", "s-3", "s-3"]
+        assert [t.group_id for t in trajs] == [0, 0, 2, 2, 4, 4]
+        assert [(s["index"], s["error"].split(":")[0]) for s in collector.last_skipped] == [(1, "DatasetError"),
+                                                                                            (4, "DatasetError")]
+        assert "/data/s-1.jpg" in collector.last_skipped[0]["error"]
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 2 and "/data/s-1.jpg" in lines[0] and "expression longer" in lines[1]
+        if hasattr(collector.slots, "envs"):  # list slots name the sample id too
+            assert "(s-1)" in lines[0]
+        # a later call skips the known-bad samples without loading them again, and counts them again
+        caplog.clear()
+        n_bad = calls["bad"]
+        trajs = collector.collect(RandomPolicy(), [1, 0], group_size=1, seed=0)
+        assert [t.sample_id for t in trajs] == ["s-0"] and [s["index"] for s in collector.last_skipped] == [1]
+        assert calls["bad"] == n_bad and not caplog.records
+        collector.close()
