@@ -35,6 +35,8 @@ from agents.bc_setup import (
     total_steps,
 )
 from agents.checkpoint import (
+    CheckpointError,
+    apply_schedule,
     checkpoint_dir,
     latest_checkpoint,
     load_checkpoint,
@@ -45,6 +47,7 @@ from agents.checkpoint import (
 from agents.config import atomic_write_text, parse_train_command, to_dict
 from agents.policies.base import SamplingParams
 from agents.run_logging import RunLogger, prepare_run_dir
+from ivt_env.datasets.base import DatasetError
 
 DEFAULT_CONFIG = "bc_cpu.yaml"
 PROG = "python -m agents.bc train"
@@ -110,9 +113,12 @@ def train(cfg: BCConfig) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     run_dir = prepare_run_dir(cfg, cfg.synth.env)
+    resume_step = None
     if cfg.resume:  # before the logger opens scalars.jsonl for appending (the file is rewritten here)
-        _truncate_scalars(run_dir, int(read_state(latest_checkpoint(run_dir))["step"]))
-    log = RunLogger(run_dir)
+        resume_step = int(read_state(latest_checkpoint(run_dir))["step"])
+        _truncate_scalars(run_dir, resume_step)
+    # TensorBoard drops what the killed run logged after its checkpoint (events at resume_step + 1 and later)
+    log = RunLogger(run_dir, purge_step=None if resume_step is None else resume_step + 1)
     policy = build_policy(cfg, run_dir)
     policy.train()
     params = list(policy.trainable_parameters())
@@ -129,6 +135,7 @@ def train(cfg: BCConfig) -> dict[str, Any]:
     if cfg.resume:
         ckpt = latest_checkpoint(run_dir)
         state = load_checkpoint(ckpt, policy=policy, optimizer=optimizer, scheduler=scheduler)
+        apply_schedule(optimizer, scheduler)  # the schedule of THIS run's length (a longer run extends it)
         print(f"[bc] resumed {ckpt} at step {state['step']}", file=sys.stderr)
     else:
         log.hparams(to_dict(cfg), {"eval/acc@0.5": 0.0, "eval/miou": 0.0})
@@ -250,7 +257,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               description=__doc__.split("\n\n")[0])  # fmt: skip
     if isinstance(cfg, int):
         return cfg
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, DatasetError, CheckpointError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)  # a user's mistake: one line, no traceback
+        return 2
+    except ValueError as e:
+        if not str(e).startswith("bc config:"):
+            raise  # not a user error: keep the traceback
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
     return 0
 

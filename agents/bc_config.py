@@ -27,7 +27,11 @@ class BCConfig:
     runs_root: str = "runs"
     """Parent folder of auto-named run folders."""
     resume: bool = False
-    """Continue the run in --out from its newest checkpoint. A bare `--resume` means `--resume True`."""
+    """Continue the run in --out from its newest checkpoint (a longer run extends it: the learning-rate schedule is
+    rebuilt for the new length). A bare `--resume` means `--resume True`."""
+    overwrite: bool = False
+    """Start clean in an --out that holds a previous run: delete its logs, checkpoints, base/, best/ and final/
+    first (without it, and without --resume, a used --out is refused)."""
 
     # ------------------------------------------------------------------------------------------------ model
     init_from: str = "tiny"
@@ -169,6 +173,7 @@ class BCConfig:
              "grounding_mix / grounding_only_steps / localize_steps need data=online"),
             (not (self.full_finetune and self.load_in_4bit), "full_finetune excludes load_in_4bit"),
             (not self.resume or bool(self.out), "--resume needs --out DIR (the run folder to continue)"),
+            (not (self.resume and self.overwrite), "give --resume (continue) or --overwrite (start clean), not both"),
             (self.synth.start != "student" or self.data != "online" or self.synth.student == "scripted",
              "data=online runs the student per batch: use synth.student=scripted (or synthesize a folder first)"),
         ]

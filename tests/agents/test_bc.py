@@ -240,3 +240,44 @@ def test_sinusoidal_number_embeddings(tmp_path):
         cos = float(torch.nn.functional.cosine_similarity(row(m), row(n), dim=0))
         assert cos == pytest.approx(float(np.cos(w * (m - n)).mean()), abs=1e-5)
     assert torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)  # tied: the output side too
+
+
+def test_base_model_appears_only_with_its_number_embeddings(tmp_path, monkeypatch):
+    """A kill between building the tiny base model and writing its number embeddings leaves no base/, so the next
+    run builds and initialises it again instead of silently training from random number embeddings."""
+    from agents import bc_setup
+    from agents.policies.tiny import build_tiny_model
+
+    cfg = _cfg(tmp_path / "run", number_init="sinusoidal")
+    real = bc_setup.init_number_embeddings
+
+    def killed(model_dir):
+        raise KeyboardInterrupt("killed while writing the number embeddings")
+
+    monkeypatch.setattr(bc_setup, "init_number_embeddings", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_policy(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "base").exists() and not list((tmp_path / "run").glob(".base.*"))
+    monkeypatch.setattr(bc_setup, "init_number_embeddings", real)
+    policy = build_policy(cfg, tmp_path / "run")
+    # the same weights as a fresh tiny model given sinusoidal number embeddings by hand
+    ref = build_tiny_model(tmp_path / "ref", seed=cfg.tiny_seed)
+    real(ref)
+    from agents.policies.vlm import VLMPolicy
+
+    want = dict(VLMPolicy.from_pretrained(str(ref)).hf_model.named_parameters())
+    got = dict(VLMPolicy.from_pretrained(str(tmp_path / "run" / "base")).hf_model.named_parameters())
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    assert policy is not None
+
+
+def test_resume_without_checkpoint_and_used_out_give_one_line(tmp_path, capsys):
+    rc = main(["train", "--out", str(tmp_path / "empty"), "--resume", "--threads", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "no checkpoint under" in err and "Traceback" not in err
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "scalars.jsonl").write_text('{"step": 1}\n')
+    rc = main(["train", "--out", str(tmp_path / "used"), "--threads", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--overwrite" in err and len(err.splitlines()) == 1
