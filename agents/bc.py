@@ -46,6 +46,7 @@ from agents.checkpoint import (
 )
 from agents.config import atomic_write_text, parse_train_command, to_dict
 from agents.policies.base import SamplingParams
+from agents.preflight import check_bc
 from agents.run_logging import RunLogger, prepare_run_dir
 from ivt_env.datasets.base import DatasetError
 
@@ -88,6 +89,20 @@ class _Evaluator:
             self.collector.close()
 
 
+def _folder_data_options(cfg: BCConfig) -> BCConfig:
+    """--data DIR trains on the folder alone: the online-only phases that the default (CPU) config turns on are
+    switched off here, with a note, so `agents.bc train --data DIR` works as documented."""
+    if cfg.data == "online":
+        return cfg
+    online_only = {k: getattr(cfg, k) for k in ("grounding_mix", "grounding_only_steps", "localize_steps")
+                   if getattr(cfg, k)}
+    if not online_only:
+        return cfg
+    print(f"[bc] --data {cfg.data}: training on the folder's trajectories only; the online-only options "
+          f"{online_only} do not apply (set to 0)", file=sys.stderr)
+    return _replace(cfg, **{k: 0 for k in online_only})
+
+
 def _replace(obj: Any, **kw: Any) -> Any:
     import dataclasses
 
@@ -108,6 +123,8 @@ def train(cfg: BCConfig) -> dict[str, Any]:
     """Run (or resume) behaviour cloning; returns the summary also written to ``{run}/summary.json``."""
     from agents.grpo_setup import seed_everything
 
+    check_bc(cfg)  # every name and folder, before the model loads or a run folder exists
+    cfg = _folder_data_options(cfg)
     cfg.validate()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

@@ -64,7 +64,9 @@ class BCConfig:
     # ------------------------------------------------------------------------------------------------ data
     data: str = "online"
     """Teacher trajectories: a folder written by `python -m rollouts.synthesize`, or 'online' to synthesize fresh
-    ones for every batch with the settings in `synth` (scripted student or GT perturbation only)."""
+    ones for every batch with the settings in `synth` (scripted student or GT perturbation only). With a folder,
+    the online-only phases (grounding_mix, grounding_only_steps, localize_steps) are off, whatever the config
+    says (a note names the values dropped): the folder's trajectories are the whole training set."""
     data_limit: int = 0
     """Use only the first K trajectories of the data folder (0: all)."""
     grounding_mix: float = 0.0

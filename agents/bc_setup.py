@@ -38,8 +38,13 @@ def build_policy(cfg: BCConfig, run_dir: Path) -> Any:
                     f.rename(tmp / f.name)
                 (tmp / "model").rmdir()
         path = str(base)
-    elif not Path(path).exists() and "/" not in path:
-        raise FileNotFoundError(f"init_from {path!r}: no such model folder (use 'tiny' for a fresh tiny model)")
+    else:
+        from agents.policies.model_dir import resolve_model_dir
+
+        try:
+            path = resolve_model_dir(path, "--init-from")
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e} (use 'tiny' for a fresh tiny model)") from None
     lora = None if cfg.full_finetune else lora_settings(cfg)
     if not cfg.full_finetune and lora is None:
         raise ValueError("bc config: lora.enabled is false and full_finetune is false: nothing would train")

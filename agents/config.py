@@ -93,7 +93,11 @@ def parse_cli(
         rest.append(a)
         i += 1
     if config_path is not None:
-        default = load_yaml(cls, config_path)
+        try:
+            default = load_yaml(cls, config_path)
+        except (FileNotFoundError, ValueError, yaml.YAMLError) as e:  # a user's file: one line, no traceback
+            print(f"{prog or 'error'}: error: --config {config_path}: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     desc = description + "\n\n--config FILE: a YAML file of these fields (see configs/); flags below override it."
     return tyro.cli(cls, args=rest, default=default, prog=prog, description=desc, config=(tyro.conf.FlagConversionOff,))
 

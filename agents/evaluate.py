@@ -203,7 +203,8 @@ class EvalConfig:
     """JSON object of keyword arguments for the policy, e.g. '{"noise": 30}' (oracle) or
     '{"path": "texts.jsonl"}' (replay)."""
     model: Optional[str] = None
-    """Model folder for the vlm policy (passed as its 'model' argument)."""
+    """Model folder for the vlm policy: a model folder, a run's best/ or final/, a checkpoints/iter_N/ folder or a
+    run folder (its best/)."""
     steps: int = 2
     """T, refinement steps after step 0 (the paper uses 2; 0 evaluates single-shot answers)."""
     split: str = "test"
@@ -238,7 +239,7 @@ class EvalConfig:
     progress: bool = True
     """Show a progress bar."""
     name: Optional[str] = None
-    """Row label in the tables (None: the policy name)."""
+    """Row label in the tables (None: the model's name with --model, e.g. my_run/best, else the policy name)."""
 
 
 def _json_arg(text: str, flag: str) -> dict:
@@ -256,9 +257,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     cfg = parse_cli(EvalConfig, expand_bool_flags(argv, EvalConfig), prog="python -m agents.evaluate",
                     description=DESCRIPTION)
     policy_name = cfg.policy or ("vlm" if cfg.model else "oracle")
+    from agents.preflight import check_env_id, check_folder, check_policy
+
+    check_env_id(cfg.env, "python -m agents.evaluate", "--env")  # names before the model loads
+    check_policy(policy_name, "python -m agents.evaluate", "--policy")
+    check_folder(cfg.data_root, "--data-root", "data folder")
     kwargs = _json_arg(cfg.policy_kwargs, "--policy-kwargs")
+    label = policy_name
     if cfg.model is not None:
-        kwargs.setdefault("model", cfg.model)
+        from agents.policies.model_dir import model_label, resolve_model_dir
+
+        kwargs.setdefault("model", resolve_model_dir(cfg.model, "--model"))  # before any work: a clear error
+        label = model_label(cfg.model)
     policy = make_policy(policy_name, **kwargs)
     sampling = SamplingParams(temperature_first=cfg.temperature_first, temperature_refine=cfg.temperature_refine,
                               max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy)
@@ -266,7 +276,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
                       out_dir=cfg.out, group_size=cfg.group_size, seed=cfg.seed, data_root=cfg.data_root,
                       env_kwargs=_json_arg(cfg.env_kwargs, "--env-kwargs"), num_envs=cfg.num_envs,
                       num_strips=cfg.strips, save_images=cfg.save_images, progress=cfg.progress,
-                      name=cfg.name or policy_name)
+                      name=cfg.name or label)
     print(result["report"])
     if cfg.out:
         print(f"wrote {Path(cfg.out) / 'metrics.json'}, metrics.md, trajectories.jsonl, strips/ and TensorBoard events")

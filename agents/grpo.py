@@ -30,6 +30,7 @@ from agents.grpo_setup import (build_policy, check_start_checkpoint, derive_seed
                                split_size, strip_for_gather)
 from agents.grpo_update import policy_update
 from agents.metrics import compute_metrics
+from agents.preflight import check_grpo
 from agents.policies.base import SamplingParams
 from agents.run_logging import RunLogger, prepare_run_dir
 from ivt_env.datasets.base import DatasetError
@@ -42,6 +43,7 @@ PROG = "python -m agents.grpo train"
 def train(cfg: GRPOConfig) -> dict[str, Any]:
     """Run (or resume) GRPO; returns a summary (iterations done, first/last validation metrics, best score)."""
     cfg.validate()
+    check_grpo(cfg)  # every name and folder, before the model loads or a run folder exists
     check_start_checkpoint(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)

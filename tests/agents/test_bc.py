@@ -281,3 +281,18 @@ def test_resume_without_checkpoint_and_used_out_give_one_line(tmp_path, capsys):
     rc = main(["train", "--out", str(tmp_path / "used"), "--threads", "1"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--overwrite" in err and len(err.splitlines()) == 1
+
+
+def test_teacher_data_folder_works_with_the_default_config(tmp_path, capsys):
+    """`agents.bc train --data DIR` with the default (CPU) config: its online-only phases are switched off with a
+    note instead of failing validation."""
+    data = tmp_path / "teacher"
+    run(_synth(limit=8, out=str(data), chunk_size=8))
+    capsys.readouterr()
+    rc = main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--threads", "1", "--max-steps", "1",
+               "--batch-size", "4", "--eval-at-start", "False", "--eval-limit", "1", "--eval-batch", "1",
+               "--eval-max-new-tokens", "4", "--progress", "False"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "online-only options {'grounding_mix': 0.5, 'grounding_only_steps': 3600, 'localize_steps': 800}" in err
+    assert (tmp_path / "run" / "checkpoints" / "iter_000001").is_dir()
