@@ -120,3 +120,35 @@ def test_missing_model_folder_is_one_line_in_evaluate_and_benchmark(tmp_path):
         err = out.stderr.strip().splitlines()
         assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
         assert err and "no such model folder" in err[-1] and "Repo id" not in out.stderr
+
+
+def test_config_file_layers_on_the_default_config_and_help_agrees(tmp_path, capsys):
+    """Dataclass defaults (paper) < the command's default config (CPU) < --config FILE < flags; --help shows it."""
+    from agents.config import load_yaml, parse_train_command
+    from agents.grpo_config import GRPOConfig
+
+    small = tmp_path / "small.yaml"
+    small.write_text("iterations: 3\n")
+    kw = dict(default_config="grpo_cpu.yaml", prog="p", usage="u", description="d")
+    cpu = load_yaml(GRPOConfig, "grpo_cpu.yaml")
+    cfg = parse_train_command(["train", "--config", str(small)], GRPOConfig, **kw)
+    assert cfg.iterations == 3 and (cfg.lr, cfg.max_new_tokens) == (cpu.lr, cpu.max_new_tokens) == (1e-4, 48)
+    assert parse_train_command(["train", "--config", str(small), "--lr", "3e-5"], GRPOConfig, **kw).lr == 3e-5
+    with pytest.raises(SystemExit):
+        parse_train_command(["train", "--config", str(small), "--help"], GRPOConfig, **kw)
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.0001)" in help_text and "(default: 48)" in help_text and "(default: 3)" in help_text
+    assert "layered on the default config grpo_cpu.yaml" in help_text
+    # `base: defaults`: the paper's dataclass defaults for what the file leaves out
+    paper_based = tmp_path / "paper_based.yaml"
+    paper_based.write_text("base: defaults\niterations: 3\n")
+    cfg = parse_train_command(["train", "--config", str(paper_based)], GRPOConfig, **kw)
+    assert (cfg.iterations, cfg.lr, cfg.max_new_tokens) == (3, GRPOConfig().lr, GRPOConfig().max_new_tokens)
+    # the shipped paper configs say so themselves and keep their meaning
+    paper = parse_train_command(["train", "--config", "grpo_paper.yaml"], GRPOConfig, **kw)
+    assert paper == load_yaml(GRPOConfig, "grpo_paper.yaml") and paper.lr != cpu.lr
+    # a nested field keeps its siblings from the base
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("lora:\n  rank: 2\n")
+    cfg = parse_train_command(["train", "--config", str(nested)], GRPOConfig, **kw)
+    assert cfg.lora.rank == 2 and cfg.lora.alpha == cpu.lora.alpha
