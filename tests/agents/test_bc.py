@@ -296,3 +296,29 @@ def test_teacher_data_folder_works_with_the_default_config(tmp_path, capsys):
     assert rc == 0, err
     assert "online-only options {'grounding_mix': 0.5, 'grounding_only_steps': 3600, 'localize_steps': 800}" in err
     assert (tmp_path / "run" / "checkpoints" / "iter_000001").is_dir()
+
+
+def test_resume_after_a_kill_logs_each_step_once_in_tensorboard(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from agents import bc as bc_module
+
+    real = bc_module.save_checkpoint
+
+    def dies_at_3(directory, **kw):
+        if kw["state"]["step"] == 3:  # step 3 is logged (and evaluated), its checkpoint never lands
+            raise KeyboardInterrupt("killed")
+        return real(directory, **kw)
+
+    cfg = dict(max_steps=3, save_every=2, eval_every=2)
+    monkeypatch.setattr(bc_module, "save_checkpoint", dies_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path / "run", **cfg))
+    monkeypatch.setattr(bc_module, "save_checkpoint", real)
+    assert train(_cfg(tmp_path / "run", resume=True, **cfg))["steps"] == 3
+    ea = EventAccumulator(str(tmp_path / "run"))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("train/loss")] == [1, 2, 3]
+    assert [e.step for e in ea.Scalars("eval/acc@0.5")] == [2, 3]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "scalars.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
