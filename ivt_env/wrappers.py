@@ -122,5 +122,5 @@ def close_vector_env(vec: Any, timeout: float = 5.0) -> None:
     except AttributeError:
         pass
     codes = [p.exitcode for p in processes]
-    log.warning("vector env: close failed (%s: %s); stopped its %d workers (exit codes %s)",
-                type(error).__name__, error, len(processes), codes)
+    log.warning("%s: close failed (%s: %s); stopped its %d workers (exit codes %s)",
+                type(vec).__name__, type(error).__name__, error, len(processes), codes)

@@ -68,6 +68,8 @@ def _info(args) -> int:
             continue
         entry = {"samples": len(ds), "dropped": dict(getattr(ds, "bad_counts", {}) or {}),
                  "repaired": dict(getattr(ds, "fixed_counts", {}) or {})}
+        if getattr(ds, "bad_examples", None):  # the first records of each reason, with their files
+            entry["dropped_examples"] = ds.bad_examples
         for attr in ("per_source", "shortfall"):
             if getattr(ds, attr, None):
                 entry[attr] = getattr(ds, attr)
@@ -87,6 +89,8 @@ def _info(args) -> int:
                 continue
             print(f"{args.name}/{split}: {e['samples']} samples; dropped {sum(e['dropped'].values())} "
                   f"{e['dropped'] or ''}; repaired {e['repaired'] or 'none'}")
+            for reason, examples in e.get("dropped_examples", {}).items():
+                print(f"  {reason}: " + "; ".join(examples))
             for k in ("per_source", "shortfall"):
                 if k in e:
                     print(f"  {k}: {e[k]}")

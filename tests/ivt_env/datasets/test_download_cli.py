@@ -146,3 +146,12 @@ def test_cli_info_lists_every_split_including_all(tmp_path, capsys):
         main(["info", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "refadv: train, val, test, all" in out
+
+
+def test_cli_info_names_the_dropped_records(tmp_path, capsys):
+    root = fx.write_refl4(str(tmp_path), bad=True)
+    assert main(["info", "refl4", "--root", root, "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped 5" in out
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("unreadable image:"))
+    assert "refl4-200" in line and "bad_garbage.jpg" in line and "refl4-201" in line and "bad_missing.jpg" in line
