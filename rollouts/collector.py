@@ -60,10 +60,17 @@ def _after_failed_reset(env: Any) -> None:
 
 
 def _sample_id(env: Any, index: int) -> Optional[str]:
+    """``"id"`` or ``"id, image FILE"`` of sample ``index`` (the loaders' samples know their file)."""
     try:
-        return str(env.unwrapped.dataset.sample_ids[index])
+        dataset = env.unwrapped.dataset
+        sid = str(dataset.sample_ids[index])
     except Exception:  # noqa: BLE001 - only used to name the record in a log line
         return None
+    try:
+        ref = getattr(dataset[index].load_image, "ref", None)
+        return f"{sid}, image {ref.describe()}" if ref is not None else sid
+    except Exception:  # noqa: BLE001
+        return sid
 
 
 def _py(v: Any) -> Any:

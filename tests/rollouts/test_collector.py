@@ -219,3 +219,27 @@ def test_bad_record_at_reset_is_skipped_counted_and_named(caplog):
         assert [t.sample_id for t in trajs] == ["s-0"] and [s["index"] for s in collector.last_skipped] == [1]
         assert calls["bad"] == n_bad and not caplog.records
         collector.close()
+
+
+def test_skipped_loader_record_is_named_with_its_file(tmp_path, caplog):
+    import logging
+
+    from ivt_env.datasets.images import FileImage
+    from ivt_env.datasets.records import RawRecord, RecordDataset
+    from ivt_env.env import GroundingRefineEnv
+    from tests.ivt_env.datasets import fixtures as fx
+
+    recs = []
+    for i in range(2):
+        p = tmp_path / f"img{i}.jpg"
+        p.write_bytes(fx.image_bytes(64, 48, (8, 8, 24, 24)))
+        recs.append(RawRecord(f"rec-{i}", "the red box", (8, 8, 24, 24), FileImage(str(p)), 64, 48))
+    ds = RecordDataset(recs, "files", "test")
+    data = (tmp_path / "img1.jpg").read_bytes()
+    (tmp_path / "img1.jpg").write_bytes(data[: len(data) // 3])  # damaged after loading
+    collector = Collector([GroundingRefineEnv(ds, max_refine_steps=0)])
+    with caplog.at_level(logging.WARNING, logger="rollouts.collector"):
+        trajs = collector.collect(RandomPolicy(), [0, 1], seed=0)
+    assert [t.sample_id for t in trajs] == ["rec-0"]
+    line = caplog.records[-1].getMessage()
+    assert f"(rec-1, image {tmp_path / 'img1.jpg'})" in line and "truncated" in line
