@@ -69,7 +69,8 @@ DEFAULTS_BASE = ("defaults", "none")
 
 
 def apply_dict(obj: T, data: dict[str, Any], *, where: str = "config") -> T:
-    """A copy of dataclass ``obj`` with the (nested) fields in ``data`` replaced; unknown keys raise naming ``where``."""
+    """A copy of dataclass ``obj`` with the (nested) fields in ``data`` replaced; unknown keys raise (naming
+    ``where``)."""
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
     fields = {f.name for f in dataclasses.fields(obj)}

@@ -21,8 +21,8 @@ import torch
 
 from agents import distributed
 from agents.advantages import compute_advantages, zero_std_fraction
-from agents.checkpoint import (CheckpointError, apply_schedule, checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                               save_checkpoint)
+from agents.checkpoint import (CheckpointError, apply_schedule, checkpoint_dir, latest_checkpoint, load_checkpoint,
+                               prune_checkpoints, save_checkpoint)
 from agents.config import parse_train_command, to_dict
 from agents.grpo_config import GRPOConfig
 from agents.grpo_setup import (build_policy, check_start_checkpoint, derive_seed, env_factory, group_trajectories,

@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     i.add_argument("name", help=" | ".join(DATASET_NAMES))
     i.add_argument("--root", default=None, help="data root (default: $IVT_DATA; unused for synthetic)")
-    i.add_argument("--split", action="append", help="split(s) to load (default: every split of NAME, e.g. refadv: train, val, test, all)")
+    i.add_argument("--split", action="append",
+                   help="split(s) to load (default: every split of NAME, e.g. refadv: train, val, test, all)")
     i.add_argument("--no-check-images", action="store_true", help="do not open image headers (faster, less checked)")
     i.add_argument("--show", type=int, default=0, help="also print the first N samples of each split")
     i.add_argument("--json", action="store_true", help="print one JSON object instead of text")
