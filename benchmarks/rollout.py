@@ -146,6 +146,14 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tmp = tempfile.TemporaryDirectory(prefix="ivt_bench_")
     model_path = args.model
+    if model_path is not None:
+        from agents.policies.model_dir import resolve_model_dir
+
+        try:
+            model_path = resolve_model_dir(model_path, "--model")
+        except FileNotFoundError as e:
+            print(f"benchmarks/rollout.py: error: {e}", file=sys.stderr)
+            return 2
     if model_path is None:
         out = Path(tmp.name) / "model"
         if args.shape == "tiny":

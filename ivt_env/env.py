@@ -8,13 +8,12 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from ivt_env.boxes import NORM_MAX, iou, parse_box, to_norm, to_pixels
-from ivt_env.datasets.base import DatasetError, GroundingDataset, Sample
+from ivt_env.boxes import BOX_CHOICES, NORM_MAX, iou, parse_box, to_norm, to_pixels
+from ivt_env.datasets.base import MAX_EXPRESSION_CHARS, DatasetError, GroundingDataset, Sample
 from ivt_env.rendering import Overlay, OverlayStyle
 from ivt_env.rewards import RewardFn, call_reward, get_reward, reward_extras
 from ivt_env.spaces import FreeText, ImageSpace
 
-MAX_EXPRESSION_CHARS = 4096
 MAX_ACTION_CHARS = 16384
 
 
@@ -28,10 +27,13 @@ class GroundingRefineEnv(gym.Env):
     the overlay; it knows nothing about models or tokens.
 
     ## Action Space
-    :class:`~ivt_env.spaces.FreeText`: the full text the policy produced at this step (reasoning and box). The
-    LAST box in the text counts (``ivt_env.boxes.parse_box``): ``[x1, y1, x2, y2]`` integers in [0, 1000]
-    normalised by width/height, Qwen3-VL JSON ``{"bbox_2d": [...]}`` (also in a ```json fence) or inside
-    ``<answer>...</answer>``. An unparseable text is a legal action: ``info["valid"]`` is ``False``, IoU 0.
+    :class:`~ivt_env.spaces.FreeText` of at most ``MAX_ACTION_CHARS`` (16,384) characters: the full text the policy
+    produced at this step (reasoning and box). The LAST box in the text counts by default (``answer_box="first"``:
+    the first, as Ref-Adv's published evaluation reads answers; ``ivt_env.boxes.parse_box``): ``[x1, y1, x2, y2]``
+    integers in [0, 1000] normalised by width/height, Qwen3-VL JSON ``{"bbox_2d": [...]}`` (also in a ```json
+    fence) or inside ``<answer>...</answer>``. An unparseable text is a legal action: ``info["valid"]`` is
+    ``False``, IoU 0. A longer text is cut to its LAST 16,384 characters before parsing (where the final answer
+    is; ``info["action_truncated"]`` is then True), so a step costs at most a few milliseconds whatever the text.
 
     ## Observation Space
     A ``Dict``:
@@ -61,13 +63,15 @@ class GroundingRefineEnv(gym.Env):
     ``sample_id, dataset, source`` (the sample's origin, e.g. within ``mix``), ``index, gt_box`` (xyxy pixels),
     ``gt_box_norm``, ``width, height, step`` (index of the step reported, -1 after reset), ``max_steps`` (T),
     ``box`` (pixels or None), ``box_norm``, ``valid``, ``reason`` (why the box is invalid, else None), ``iou``,
-    ``ious``, ``valids`` and ``boxes_norm`` (all steps so far; ``None`` for a step without a valid box).
+    ``ious``, ``valids`` and ``boxes_norm`` (all steps so far; ``None`` for a step without a valid box); after
+    ``step`` also ``action_truncated`` (the text was over 16,384 characters and only its tail was read).
 
     ## Arguments
     - ``dataset``: a name for :func:`ivt_env.datasets.load_dataset` (``synthetic``, ``refcocog``, ``refadv``,
       ``refl4``, ``mix``) or a dataset object with ``name``, ``__len__``, ``__getitem__`` -> ``Sample`` and
       ``sample_ids``.
-    - ``split``: dataset split (``train``, ``val``, ``test``); ignored for a dataset object.
+    - ``split``: dataset split (``train``, ``val``, ``test``; ``refadv`` also ``all``, its 1,142 rows:
+      ``ivt_env.datasets.dataset_splits(name)``); ignored for a dataset object.
     - ``max_refine_steps``: T, refinement steps after step 0 (default 2, as in the paper).
     - ``reward_fn``: ``None`` (IVT Eq. 3), a callable, a registered name or ``"pkg.module:attr"``.
     - ``data_root``: where the datasets lie; ``None`` lets the loader use ``$IVT_DATA``.
@@ -77,6 +81,7 @@ class GroundingRefineEnv(gym.Env):
     - ``overlay``: an :class:`~ivt_env.rendering.OverlayStyle` or a dict of its fields.
     - ``max_image_size``: ``(max_height, max_width)`` bound of the image space; ``None`` takes the dataset's
       ``max_image_size`` attribute or scans its samples' sizes.
+    - ``answer_box``: which box of a step's text counts, ``"last"`` (default) or ``"first"``.
 
     ## Version History
     - v0: first version.
@@ -95,7 +100,11 @@ class GroundingRefineEnv(gym.Env):
         dataset_kwargs: Optional[Mapping[str, Any]] = None,
         overlay: Union[OverlayStyle, Mapping[str, Any], None] = None,
         max_image_size: Optional[Sequence[int]] = None,
+        answer_box: str = "last",
     ):
+        if answer_box not in BOX_CHOICES:
+            raise ValueError(f"answer_box must be one of {BOX_CHOICES}, got {answer_box!r}")
+        self.answer_box = answer_box
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
         if not isinstance(max_refine_steps, (int, np.integer)) or max_refine_steps < 0:
@@ -162,7 +171,10 @@ class GroundingRefineEnv(gym.Env):
             raise RuntimeError(f"the episode ended after {T + 1} steps: call reset() before step()")
         t = self._t
         sample = self._sample
-        parsed = parse_box(action)
+        truncated = isinstance(action, str) and len(action) > MAX_ACTION_CHARS
+        if truncated:  # the action space's own bound; the tail holds the final answer (and the last box)
+            action = action[-MAX_ACTION_CHARS:]
+        parsed = parse_box(action, self.answer_box)
         box_norm = parsed.box
         box_px = to_pixels(box_norm, sample.width, sample.height) if box_norm is not None else None
         score = iou(box_px, self._gt) if box_px is not None else 0.0
@@ -175,6 +187,7 @@ class GroundingRefineEnv(gym.Env):
         self._frame = self._overlay.draw(box_px)  # None draws nothing: a plain copy of the original
         obs = self._observation(box_norm)
         info = self._info(t, box_px, box_norm, box_px is not None, parsed.reason, score)
+        info["action_truncated"] = truncated
         return obs, reward, t == T, False, info
 
     def render(self) -> Optional[np.ndarray]:

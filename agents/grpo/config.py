@@ -8,10 +8,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from agents.common.schedule import SCHEDULES
-from agents.grpo.advantages import ADVANTAGES
 from agents.grpo.losses import AGGREGATIONS, KL_ESTIMATORS
 from agents.policies.vlm_setup import LoraSettings
-from ivt_env.rewards import REWARDS
 
 
 
@@ -30,8 +28,12 @@ class GRPOConfig:
     runs_root: str = "runs"
     """Parent folder of auto-named run folders."""
     resume: bool = False
-    """Continue the run in --out from its newest checkpoint (same iteration count, optimizer, scheduler, RNG).
-    A bare `--resume` means `--resume True`."""
+    """Continue the run in --out from its newest checkpoint (optimizer, scheduler, RNG). A larger --iterations
+    extends the run: the learning-rate schedule is rebuilt for the new length. A bare `--resume` means
+    `--resume True`."""
+    overwrite: bool = False
+    """Start clean in an --out that holds a previous run: delete its logs, checkpoints and best/ first (without
+    it, and without --resume, a used --out is refused)."""
     iterations: int = 200
     """Number of iterations; each = collect prompts_per_iter groups, compute advantages, one optimizer step."""
 
@@ -172,14 +174,8 @@ class GRPOConfig:
             (self.updates_per_iter == 1 or self.clip_eps is not None,
              "updates_per_iter > 1 reuses stale samples: set clip_eps (e.g. 0.2)"),
             (not self.resume or self.out, "--resume needs --out DIR (the run folder to continue)"),
+            (not (self.resume and self.overwrite), "give --resume (continue) or --overwrite (start clean), not both"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"GRPO config: {msg}")
-        for field_name, registry in (("advantage", ADVANTAGES), ("reward", REWARDS)):  # names before any work
-            spec = getattr(self, field_name)
-            if spec is not None:
-                try:
-                    registry.get(spec)
-                except ValueError as exc:
-                    raise ValueError(f"GRPO config: {field_name}: {exc}") from None

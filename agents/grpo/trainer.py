@@ -21,8 +21,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from agents.common import distributed
-from agents.common.checkpoint import (checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                                     save_checkpoint)
+from agents.common.checkpoint import (CheckpointError, apply_schedule, checkpoint_dir, latest_checkpoint,
+                                     load_checkpoint, prune_checkpoints, save_checkpoint)
 from agents.common.config import parse_train_command, to_dict
 from agents.common.seeding import derive_seed, seed_everything
 from agents.evaluate.metrics import compute_metrics
@@ -32,6 +32,7 @@ from agents.grpo.setup import (build_policy, check_start_checkpoint, env_factory
                                group_trajectories, grpo_scheduler, make_optimizer, sample_prompts, split_size,
                                strip_for_gather)
 from agents.grpo.update import NonFiniteUpdateError, check_finite_state, policy_update
+from agents.preflight import check_grpo
 from agents.policies.base import SamplingParams
 from agents.common.run_logging import RunLogger, prepare_run_dir, truncate_scalars
 from ivt_env.datasets.base import DatasetError
@@ -44,6 +45,7 @@ PROG = "python -m agents.grpo train"
 def train(cfg: GRPOConfig) -> dict[str, Any]:
     """Run (or resume) GRPO; returns a summary (iterations done, first/last validation metrics, best score)."""
     cfg.validate()
+    check_grpo(cfg)  # every name and folder, before the model loads or a run folder exists
     check_start_checkpoint(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -73,6 +75,7 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         # observations stay in memory: the policy re-encodes them to score its tokens (token_logprobs)
         trajs = collector.collect(policy, prompts, cfg.group_size, sampling,
                                   seed=derive_seed(cfg.seed, dist.rank, it, 2), keep_observations=True)
+        skipped = _check_skipped(collector, trajs, it)
         groups = group_trajectories(trajs, cfg.group_size)
         rollout_s = time.perf_counter() - t0
 
@@ -101,6 +104,9 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         # --- log: rollout metrics over all ranks' trajectories, losses averaged over ranks
         _log_iteration(cfg, log, bar, dist, step=it + 1, batch=batch, rewards=rewards, stats=stats.as_dict(),
                        lr=lr, times={"rollout_s": rollout_s, "update_s": update_s})
+        skipped = distributed.all_reduce_mean({"n": float(skipped)})["n"] * dist.world_size
+        if dist.is_main:  # bad records met at reset (named in the collector's log line): counted, not fatal
+            log.scalar("rollout/skipped_samples", skipped, it + 1)
 
         # --- evaluate (best checkpoint by validation reward) and checkpoint
         step = it + 1
@@ -145,6 +151,15 @@ def _count_skip(cfg: GRPOConfig, skipped: str, in_row: int, step: int) -> int:
     return in_row
 
 
+def _check_skipped(collector: Collector, trajs: Sequence[Any], it: int) -> int:
+    """How many of this iteration's samples were skipped as bad records; an error if nothing was left to train on."""
+    if not trajs and collector.last_skipped:
+        first = collector.last_skipped[0]
+        raise DatasetError(f"iteration {it + 1}: every sample failed at reset ({len(collector.last_skipped)} bad "
+                           f"records, e.g. sample {first['index']} ({first['sample_id']}): {first['error']})")
+    return len(collector.last_skipped)
+
+
 def _setup_run(cfg: GRPOConfig, dist: distributed.DistInfo):
     """Run folder, policy (identical on every rank), optimizer, schedule, state (restored by --resume), logger."""
     seed_everything(cfg.seed)  # same on every rank: identical model/LoRA init (also broadcast below)
@@ -159,7 +174,8 @@ def _setup_run(cfg: GRPOConfig, dist: distributed.DistInfo):
         state = _resume(cfg, run_dir, policy, optimizer, scheduler, dist)
     else:
         seed_everything(derive_seed(cfg.seed, dist.rank))
-    log = RunLogger(run_dir, enabled=dist.is_main)  # after _resume, which trims the log to the checkpoint
+    # after _resume, which trims the log to the checkpoint; TensorBoard drops the killed run's later events itself
+    log = RunLogger(run_dir, enabled=dist.is_main, purge_step=state["iteration"] + 1 if cfg.resume else None)
     if dist.is_main and state["iteration"] == 0:
         log.hparams(to_dict(cfg), {"eval/return_mean": 0.0, "eval/miou": 0.0})
         log.text("config", "```\n" + (run_dir / "config.yaml").read_text() + "\n```")
@@ -189,6 +205,7 @@ def _resume(cfg: GRPOConfig, run_dir: Path, policy: Any, optimizer: Any, schedul
             dist: distributed.DistInfo) -> dict:
     ckpt = latest_checkpoint(run_dir)
     state = load_checkpoint(ckpt, policy=policy, optimizer=optimizer, scheduler=scheduler, rank=dist.rank)
+    apply_schedule(optimizer, scheduler)  # the schedule of THIS run's --iterations (an extended run goes on)
     if state.get("world_size", 1) != dist.world_size and dist.is_main:
         print(f"[grpo] resuming a {state.get('world_size')}-rank run on {dist.world_size} ranks: sampling differs "
               "from the original run", file=sys.stderr)
@@ -307,7 +324,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except NonFiniteUpdateError as e:  # a clear stop, never a run that keeps writing NaN checkpoints
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
-    except (ValueError, FileNotFoundError, FileExistsError, DatasetError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, DatasetError, CheckpointError) as e:
         if isinstance(e, ValueError) and not isinstance(e, DatasetError) and "GRPO config" not in str(e):
             raise  # not a user error: keep the traceback
         print(f"{PROG}: error: {e}", file=sys.stderr)
