@@ -54,12 +54,21 @@ class ReproduceConfig:
 
 
 # ------------------------------------------------------------------------------------------------- training
+def _continue(out: Path) -> dict:
+    """Resume a stage that left a checkpoint; start one that died before its first checkpoint over."""
+    from agents.common.checkpoint import latest_checkpoint
+
+    if out.is_dir() and latest_checkpoint(out) is not None:
+        return {"resume": True}
+    return {"overwrite": out.is_dir()}
+
+
 def _bc_stage(cfg: ReproduceConfig, out: Path, **overrides: Any) -> Path:
     from agents.bc import BCConfig, train
 
     bc = load_yaml(BCConfig, "bc_cpu.yaml")
     bc = dataclasses.replace(bc, out=str(out), seed=cfg.seed, tiny_seed=cfg.seed, threads=cfg.threads,
-                             progress=cfg.progress, resume=(out / "checkpoints").is_dir(), **overrides)
+                             progress=cfg.progress, **_continue(out), **overrides)
     train(bc)
     return out / "best"
 
@@ -69,7 +78,7 @@ def _grpo_stage(cfg: ReproduceConfig, out: Path, init_from: Path, **overrides: A
 
     g = load_yaml(GRPOConfig, "grpo_cpu.yaml")
     g = dataclasses.replace(g, out=str(out), seed=cfg.seed, threads=cfg.threads, progress=cfg.progress,
-                            init_from=str(init_from), resume=(out / "checkpoints").is_dir(), **overrides)
+                            init_from=str(init_from), **_continue(out), **overrides)
     train(g)
     return out / "best"
 
