@@ -8,8 +8,9 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from ivt_env.boxes import NORM_MAX, iou, parse_box, to_norm, to_pixels
+from ivt_env.boxes import NORM_MAX, hiou, iou, parse_box, to_norm, to_pixels
 from ivt_env.datasets.base import DatasetError, GroundingDataset, Sample
+from ivt_env.multibox import parse_boxes
 from ivt_env.rendering import Overlay, OverlayStyle
 from ivt_env.rewards import RewardFn, get_reward
 from ivt_env.spaces import FreeText, ImageSpace
@@ -60,7 +61,19 @@ class GroundingRefineEnv(gym.Env):
     ``sample_id, dataset, source`` (the sample's origin, e.g. within ``mix``), ``index, gt_box`` (xyxy pixels),
     ``gt_box_norm``, ``width, height, step`` (index of the step reported, -1 after reset), ``max_steps`` (T),
     ``box`` (pixels or None), ``box_norm``, ``valid``, ``reason`` (why the box is invalid, else None), ``iou``,
-    ``ious`` and ``valids`` (all steps so far).
+    ``ious`` and ``valids`` (all steps so far). Multi-box episodes add ``multi`` (True), ``gt_boxes``
+    (every GT box, pixels), ``boxes`` / ``boxes_norm`` (every box of the step, ``[]`` when invalid), ``depths``
+    (the depth written with each box, ``None`` where none), ``depth_ok`` (whether every written depth matched the
+    depth map, ``None`` when no depth was written or the sample has no depth map).
+
+    ## Several boxes (multi-object grounding)
+    On for every sample of a dataset with ``multi_box = True`` (``IVT-SyntheticMulti-v0``), for a sample with
+    several GT boxes (``sample.meta["gt_boxes"]``), or always / never with ``multi_box=True/False``. A step then
+    answers a list of boxes (:func:`ivt_env.multibox.parse_boxes`: ``[[x1, y1, x2, y2], ...]`` or a JSON list of
+    ``{"bbox_2d": [...], "depth": d}``), ``info["iou"]`` is the HIoU of the step's boxes with the GT boxes
+    (:func:`ivt_env.boxes.hiou`; equal to the IoU for one box against one), the overlay draws every box and
+    ``prev_box`` holds the first one. A reward function with ``reward_inputs = ("depth_oks",)`` also receives
+    ``depth_oks`` (``info["depth_ok"]`` of every step so far; the ``depth`` reward).
 
     ## Arguments
     - ``dataset``: a name for :func:`ivt_env.datasets.load_dataset` (``synthetic``, ``refcocog``, ``refadv``,
@@ -76,6 +89,9 @@ class GroundingRefineEnv(gym.Env):
     - ``overlay``: an :class:`~ivt_env.rendering.OverlayStyle` or a dict of its fields.
     - ``max_image_size``: ``(max_height, max_width)`` bound of the image space; ``None`` takes the dataset's
       ``max_image_size`` attribute or scans its samples' sizes.
+    - ``multi_box``: ``None`` (auto, see "Several boxes"), ``True`` or ``False``.
+    - ``depth_observation``: add the observation key ``depth`` (:class:`ivt_env.depth.DepthSpace`, float32
+      ``(H, W)``, larger = farther) from ``sample.meta["load_depth"]``; every sample must have one.
 
     ## Version History
     - v0: first version.
@@ -94,6 +110,8 @@ class GroundingRefineEnv(gym.Env):
         dataset_kwargs: Optional[Mapping[str, Any]] = None,
         overlay: Union[OverlayStyle, Mapping[str, Any], None] = None,
         max_image_size: Optional[Sequence[int]] = None,
+        multi_box: Optional[bool] = None,
+        depth_observation: bool = False,
     ):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
@@ -119,6 +137,12 @@ class GroundingRefineEnv(gym.Env):
                 "prev_valid": spaces.Discrete(2),
             }
         )
+        self.multi_box = None if multi_box is None else bool(multi_box)
+        self.depth_observation = bool(depth_observation)
+        if self.depth_observation:
+            from ivt_env.depth import DepthSpace
+
+            self.observation_space = spaces.Dict({**self.observation_space.spaces, "depth": DepthSpace(max_h, max_w)})
         self.action_space = FreeText(MAX_ACTION_CHARS)
         self._ids: Optional[dict[str, int]] = None
         self._sample: Optional[Sample] = None
@@ -146,6 +170,7 @@ class GroundingRefineEnv(gym.Env):
         self._gt_norm = to_norm(self._gt, sample.width, sample.height)
         self._ious: list[float] = []
         self._valids: list[bool] = []
+        self._reset_multi(sample)
         self._t = 0
         self._frame = image.copy()  # a new array: the caller may write into observations
         obs = self._observation(None)
@@ -159,15 +184,26 @@ class GroundingRefineEnv(gym.Env):
             raise RuntimeError(f"the episode ended after {T + 1} steps: call reset() before step()")
         t = self._t
         sample = self._sample
-        parsed = parse_box(action)
-        box_norm = parsed.box
-        box_px = to_pixels(box_norm, sample.width, sample.height) if box_norm is not None else None
-        score = iou(box_px, self._gt) if box_px is not None else 0.0
+        if self._multi:
+            parsed, box_norm, box_px, score, boxes_px = self._score_multi(action)
+        else:
+            parsed = parse_box(action)
+            box_norm = parsed.box
+            box_px = to_pixels(box_norm, sample.width, sample.height) if box_norm is not None else None
+            score = iou(box_px, self._gt) if box_px is not None else 0.0
+            self._extra = dict(self._extra, boxes=[box_px] if box_px else [], boxes_norm=[box_norm] if box_norm
+                               else [], depths=[None] if box_px else [], depth_ok=None)
         self._ious.append(score)
         self._valids.append(box_px is not None)
-        reward = float(self.reward_fn(list(self._ious), list(self._valids), step=t, max_steps=T))
+        self._depth_oks.append(self._extra["depth_ok"])
+        wanted = getattr(self.reward_fn, "reward_inputs", ())
+        extra = {"depth_oks": list(self._depth_oks)} if "depth_oks" in wanted else {}
+        reward = float(self.reward_fn(list(self._ious), list(self._valids), step=t, max_steps=T, **extra))
         self._t = t + 1
-        self._frame = self._overlay.draw(box_px)  # None draws nothing: a plain copy of the original
+        if self._multi:
+            self._frame = self._overlay.draw_many(boxes_px)
+        else:
+            self._frame = self._overlay.draw(box_px)  # None draws nothing: a plain copy of the original
         obs = self._observation(box_norm)
         info = self._info(t, box_px, box_norm, box_px is not None, parsed.reason, score)
         return obs, reward, t == T, False, info
@@ -215,14 +251,48 @@ class GroundingRefineEnv(gym.Env):
                 return self._ids[sid]
         raise ValueError(f"reset option sample_id={sid!r} is not in dataset {self.dataset_name!r}")
 
+    def _reset_multi(self, sample: Sample) -> None:
+        """Several GT boxes, multi-box mode and depth of the new episode (see "Several boxes")."""
+        gt_boxes = (sample.meta or {}).get("gt_boxes") or [sample.gt_box]
+        self._gt_boxes = [tuple(float(v) for v in b) for b in gt_boxes]
+        auto = bool(getattr(self.dataset, "multi_box", False)) or len(self._gt_boxes) > 1
+        self._multi = auto if self.multi_box is None else self.multi_box
+        self._depth_map = None
+        load_depth = (sample.meta or {}).get("load_depth")
+        if self.depth_observation or (self._multi and load_depth is not None):
+            if load_depth is None:
+                raise DatasetError(f"sample {sample.sample_id!r} of dataset {self.dataset_name!r} has no depth map "
+                                   "(meta['load_depth']) but the env has depth_observation=True")
+            self._depth_map = np.asarray(load_depth(), dtype=np.float32)
+        self._depth_oks: list[Optional[bool]] = []
+        self._extra = {"multi": self._multi, "gt_boxes": list(self._gt_boxes), "boxes": [], "boxes_norm": [],
+                       "depths": [], "depth_ok": None}
+
+    def _score_multi(self, action: str):
+        from ivt_env.depth import check_depths
+
+        s = self._sample
+        parsed = parse_boxes(action)
+        boxes_norm = [tuple(b) for b in parsed.boxes]
+        boxes_px = [to_pixels(b, s.width, s.height) for b in boxes_norm]
+        score = hiou(boxes_px, self._gt_boxes) if parsed.valid else 0.0
+        depth_ok = check_depths(boxes_px, parsed.depths, self._depth_map) if parsed.valid else None
+        self._extra = dict(self._extra, boxes=boxes_px, boxes_norm=boxes_norm, depths=list(parsed.depths),
+                           depth_ok=depth_ok)
+        first_norm = boxes_norm[0] if boxes_norm else None
+        return parsed, first_norm, (boxes_px[0] if boxes_px else None), score, boxes_px
+
     def _observation(self, prev_norm) -> dict[str, Any]:
-        return {
+        obs = {
             "image": self._frame,
             "expression": self._sample.expression,
             "step": self._t,
             "prev_box": np.asarray(prev_norm if prev_norm is not None else (0.0,) * 4, dtype=np.float32),
             "prev_valid": int(prev_norm is not None),
         }
+        if self.depth_observation:
+            obs["depth"] = self._depth_map.copy()
+        return obs
 
     def _info(self, step, box_px, box_norm, valid, reason, score) -> dict[str, Any]:
         s = self._sample
@@ -244,6 +314,7 @@ class GroundingRefineEnv(gym.Env):
             "iou": score,
             "ious": list(self._ious),
             "valids": list(self._valids),
+            **(self._extra if self._multi else {}),  # single-box episodes keep exactly the keys above
         }
 
 

@@ -165,3 +165,44 @@ def reward_name(fn: Optional[RewardFn]) -> str:
         return "ivt"
     mod, qual = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None) or type(fn).__qualname__
     return f"{mod}:{qual}" if mod else qual
+
+
+# ------------------------------------------------------------------------------ several boxes and depth (SIFThinker)
+def hiou_reward(ious: Sequence[float], valids: Sequence[bool], *, step: int, max_steps: int) -> float:
+    """The default of ``IVT-SyntheticMulti-v0``: IVT Eq. 3 on HIoU, ``HIoU(final boxes, GT boxes) + 0.1 * (valid
+    steps / (T + 1))`` at the last step, 0 before. In a multi-box episode the env's ``ious`` ARE the step HIoUs
+    (``ivt_env.boxes.hiou``); ``sifthinker`` there is SIFThinker's correction-enhanced box reward on HIoU,
+    ``s_end + (s_end - s_init)``."""
+    return ivt_reward(ious, valids, step=step, max_steps=max_steps)
+
+
+class DepthReward:
+    """SIFThinker's depth-consistency reward r_depth, at the last step: 1 when the trajectory wrote at least one
+    (box, depth) pair and every written pair has ``|d - d_gt| / d_gt <= 0.1`` (``d_gt`` from the depth map inside
+    the box, :func:`ivt_env.depth.depth_in_box`), else 0 (also when no depth was written: nothing earns it).
+
+    Needs the env's per-step depth checks: ``reward_inputs = ("depth_oks",)`` makes the env pass ``depth_oks``
+    (``info["depth_ok"]`` per step: True / False, ``None`` for a step without depth)."""
+
+    reward_inputs = ("depth_oks",)
+
+    def __call__(self, ious: Sequence[float], valids: Sequence[bool], *, step: int, max_steps: int,
+                 depth_oks: Optional[Sequence[Optional[bool]]] = None) -> float:
+        _check(ious, valids, step, max_steps)
+        if step < max_steps:
+            return 0.0
+        written = [ok for ok in (depth_oks or []) if ok is not None]
+        return 1.0 if written and all(written) else 0.0
+
+
+class HIoUDepthReward(DepthReward):
+    """``hiou`` + ``depth`` (SIFThinker sums its reward components): both paid at the last step."""
+
+    def __call__(self, ious, valids, *, step: int, max_steps: int, depth_oks=None) -> float:
+        return hiou_reward(ious, valids, step=step, max_steps=max_steps) + super().__call__(
+            ious, valids, step=step, max_steps=max_steps, depth_oks=depth_oks)
+
+
+REWARDS.register("hiou", hiou_reward)
+REWARDS.register("depth", DepthReward())
+REWARDS.register("hiou_depth", HIoUDepthReward())

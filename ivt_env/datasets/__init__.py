@@ -20,6 +20,7 @@ from .synthetic_language import VOCABULARY
 # dependency of one loader (pyarrow) never breaks the others.
 DATASETS: Registry = Registry("dataset")
 DATASETS.register("synthetic", "ivt_env.datasets.synthetic:SyntheticDataset")
+DATASETS.register("syntheticmulti", "ivt_env.datasets.synthetic_multi:SyntheticMultiDataset")
 DATASETS.register("refcocog", "ivt_env.datasets.refcocog:RefCOCOg")
 DATASETS.register("refadv", "ivt_env.datasets.refadv:RefAdv")
 DATASETS.register("refl4", "ivt_env.datasets.refl4:RefL4")
@@ -35,7 +36,7 @@ def load_dataset(name: str, split: str = "train", data_root: Optional[str] = Non
     if key not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     factory = DATASETS.get(key)
-    if key == "synthetic":
+    if key in ("synthetic", "syntheticmulti"):
         return factory(split=split, **kwargs)
     return factory(split=split, data_root=data_root, **kwargs)
 
