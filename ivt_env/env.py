@@ -63,7 +63,7 @@ class GroundingRefineEnv(gym.Env):
     ``box`` (pixels or None), ``box_norm``, ``valid``, ``reason`` (why the box is invalid, else None), ``iou``,
     ``ious`` and ``valids`` (all steps so far). Multi-box episodes add ``multi`` (True), ``gt_boxes``
     (every GT box, pixels), ``boxes`` / ``boxes_norm`` (every box of the step, ``[]`` when invalid), ``depths``
-    (the depth written with each box, ``None`` where none), ``depth_ok`` (whether every written depth matched the
+    (the depth written with each box, ``None`` where none), ``gt_depths`` (when the dataset gives them), ``depth_ok`` (whether every written depth matched the
     depth map, ``None`` when no depth was written or the sample has no depth map).
 
     ## Several boxes (multi-object grounding)
@@ -267,6 +267,8 @@ class GroundingRefineEnv(gym.Env):
         self._depth_oks: list[Optional[bool]] = []
         self._extra = {"multi": self._multi, "gt_boxes": list(self._gt_boxes), "boxes": [], "boxes_norm": [],
                        "depths": [], "depth_ok": None}
+        if (sample.meta or {}).get("gt_depths") is not None:  # synthetic scenes: each GT object's depth
+            self._extra["gt_depths"] = list(sample.meta["gt_depths"])
 
     def _score_multi(self, action: str):
         from ivt_env.depth import check_depths
