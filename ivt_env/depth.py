@@ -136,9 +136,20 @@ class FolderDepth:
         return arr / self.scale
 
 
+def image_name(sample: Any) -> Optional[str]:
+    """The image file name of a sample: ``meta["image_path"]`` / ``meta["file_name"]``, else the path (or key) of
+    the file its loader reads (``ivt_env.datasets.images.ImageRef``)."""
+    meta = sample.meta or {}
+    name = meta.get("image_path") or meta.get("file_name")
+    ref = getattr(sample.load_image, "ref", None)
+    if not name and ref is not None:
+        name = getattr(ref, "path", None) or getattr(ref, "key", None)
+    return str(name) if name else None
+
+
 def attach_depth_folder(dataset: Any, folder: str | Path, scale: float = 1.0, require: bool = True) -> Any:
     """Give every sample of a loaded real dataset a ``meta["load_depth"]`` reading ``folder`` (aligned by image
-    file name, from ``meta["image_path"]`` or ``meta["file_name"]``). ``require``: fail now, naming the first
+    file name, :func:`image_name`). The loader option ``load_dataset(..., depth_dir=folder)`` calls it. ``require``: fail now, naming the first
     image without a depth map, instead of at its first use. Returns the dataset."""
     from ivt_env.datasets.base import DatasetError
 
@@ -146,10 +157,10 @@ def attach_depth_folder(dataset: Any, folder: str | Path, scale: float = 1.0, re
     if not folder.is_dir():
         raise DatasetError(f"depth folder {folder} does not exist")
     for s in getattr(dataset, "_samples", None) or [dataset[i] for i in range(len(dataset))]:
-        name = s.meta.get("image_path") or s.meta.get("file_name")
+        name = image_name(s)
         if not name:
-            raise DatasetError(f"sample {s.sample_id!r}: no meta['image_path'] or meta['file_name'] to align a "
-                               "depth map by")
+            raise DatasetError(f"sample {s.sample_id!r}: no image file name to align a depth map by (meta "
+                               "'image_path' / 'file_name', or an image read from a file)")
         loader = FolderDepth(folder, str(name), (s.width, s.height), scale)
         if require and loader.path() is None:
             raise DatasetError(f"depth folder {folder}: no depth map for {Path(str(name)).name} (sample "

@@ -29,8 +29,17 @@ DATASETS.register("mix", "ivt_env.datasets.mix:Mix")
 DATASET_NAMES = tuple(DATASETS)
 
 
-def load_dataset(name: str, split: str = "train", data_root: Optional[str] = None, **kwargs) -> GroundingDataset:
-    """Build dataset ``name`` for ``split``. ``synthetic`` ignores ``data_root``; kwargs go to the dataset class."""
+def load_dataset(name: str, split: str = "train", data_root: Optional[str] = None, depth_dir: Optional[str] = None,
+                 depth_scale: float = 1.0, **kwargs) -> GroundingDataset:
+    """Build dataset ``name`` for ``split``. ``synthetic`` ignores ``data_root``; kwargs go to the dataset class.
+
+    ``depth_dir``: a folder of depth maps aligned with the images by file name (``<image stem>.npy`` / ``.png`` /
+    ``.tif``, divided by ``depth_scale``); every sample gets ``meta["load_depth"]`` (:mod:`ivt_env.depth`), for the
+    env's ``depth_observation`` and the ``depth`` reward. An image without a depth map fails here, named."""
+    if depth_dir is not None:
+        from ivt_env.depth import attach_depth_folder
+
+        return attach_depth_folder(load_dataset(name, split, data_root, **kwargs), depth_dir, scale=depth_scale)
     key = name.lower().replace("-", "").replace("_", "")
     key = {"refadvs": "refadv"}.get(key, key)
     if key not in DATASETS:
