@@ -109,13 +109,15 @@ class OraclePolicy(ScriptedPolicy):
 
     name = "oracle"
 
-    def __init__(self, noise: float = 0.0, resample: bool = True, depth: bool = False, seed: Optional[int] = 0):
+    def __init__(self, noise: float = 0.0, resample: bool = True, depth: bool = False,
+                 max_boxes: Optional[int] = None, seed: Optional[int] = 0):
         super().__init__(seed)
         if noise < 0:
             raise ValueError(f"OraclePolicy: noise must be >= 0, got {noise}")
         self.noise = float(noise)
         self.resample = bool(resample)
         self.depth = bool(depth)  # multi-box episodes: write each box's GT depth (info["gt_depths"]) with it
+        self.max_boxes = max_boxes  # multi-box episodes: answer only the first N GT boxes (1: the single-box baseline)
 
     def box(self, info: Mapping[str, Any], step: int) -> list[int]:
         gt = _gt_norm(info, "OraclePolicy")
@@ -127,6 +129,7 @@ class OraclePolicy(ScriptedPolicy):
     def boxes(self, info: Mapping[str, Any], step: int) -> list[list[int]]:
         """Every GT box of a multi-box episode, with the same noise rule as :meth:`box`."""
         gts = _gt_boxes_norm(info) or [_gt_norm(info, "OraclePolicy")]
+        gts = gts[: self.max_boxes] if self.max_boxes else gts
         if self.noise == 0.0:
             return [valid_int_box(g) for g in gts]
         rng = self.rng(info, step if self.resample else 0)
