@@ -12,7 +12,9 @@ Contract (TRL-style: a plain function of what the env measured, no env or model 
 - Returns this step's reward. The episode return is the sum over steps; rewards that pay once pay at the last step.
 
 Names for :func:`get_reward`: ``ivt`` (default, IVT Eq. 3), ``dense`` (per-step IoU improvement), ``iou`` (VLM-R1
-pure IoU), ``sifthinker`` (correction-enhanced), ``shaped`` (six-component shaping). Any ``"pkg.module:attr"``
+pure IoU), ``sifthinker`` (correction-enhanced), ``shaped`` (six-component shaping), ``hiou`` (Eq. 3 on HIoU, the
+default of ``IVT-SyntheticMulti-v0``), ``depth`` (SIFThinker's r_depth), ``hiou_depth`` (their sum). In a
+multi-box episode the env's ``ious`` are HIoUs, so every reward scores several boxes with HIoU there. Any ``"pkg.module:attr"``
 import path also works (a class there is instantiated with no arguments).
 """
 

@@ -59,12 +59,9 @@ def _step_of(obs: Mapping[str, Any]) -> int:
 
 
 def _gt_boxes_norm(info: Mapping[str, Any]) -> Optional[list[list[int]]]:
-    """Every GT box in [0, 1000] of a multi-box episode (``info["multi"]``), else ``None``."""
-    if not info.get("multi"):
-        return None
-    from ivt_env.boxes import to_norm
+    from agents.teacher.multi import info_gt_boxes_norm
 
-    return [list(to_norm(b, info["width"], info["height"])) for b in info["gt_boxes"]]
+    return info_gt_boxes_norm(info)
 
 
 class ScriptedPolicy(Policy):
@@ -338,20 +335,12 @@ class InterpolatingTeacher(ScriptedPolicy):
 
 
     def _act_multi(self, t: int, info: Mapping[str, Any], history, rng: random.Random) -> PolicyOutput:
-        """A multi-box episode: each GT box perturbed at step 0, then :func:`interpolate_box_sets`."""
-        from agents.teacher.multi import interpolate_box_sets, multi_reasoning, format_multi_step
+        """A multi-box episode: each GT box perturbed at step 0, then interpolated (agents.teacher.multi)."""
+        from agents.teacher.multi import planned_multi_step
 
-        gts = _gt_boxes_norm(info)
-        if t == 0:
-            plan = interpolate_box_sets([self.perturbed_start(g, rng) for g in gts], gts, self._horizon(info))
-        else:
-            if not history or "plan" not in history[0].extra:
-                raise ValueError(f"InterpolatingTeacher: step {t} of sample {info.get('sample_id')} has no plan")
-            plan = history[0].extra["plan"]
-        boxes = plan[min(t, len(plan) - 1)]
-        prev = plan[t - 1] if t > 0 else None
-        return PolicyOutput(text=format_multi_step(multi_reasoning(prev, boxes, gts, t), boxes),
-                            extra={"plan": plan} if t == 0 else {})
+        text, plan = planned_multi_step(t, _gt_boxes_norm(info), history, lambda g: self.perturbed_start(g, rng),
+                                        self._horizon(info), info.get("sample_id"))
+        return PolicyOutput(text=text, extra={"plan": plan} if t == 0 else {})
 
 
 class ReplayPolicy(ScriptedPolicy):

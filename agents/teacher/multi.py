@@ -113,6 +113,28 @@ def multi_teacher_texts(plan: Sequence[Sequence[Box]], gt: Sequence[Box]) -> lis
             for t, boxes in enumerate(plan)]
 
 
+def info_gt_boxes_norm(info: Any) -> Optional[list[list[int]]]:
+    """Every GT box in [0, 1000] of a multi-box episode (``info["multi"]``), else ``None``."""
+    if not info.get("multi"):
+        return None
+    return [list(to_norm(b, info["width"], info["height"])) for b in info["gt_boxes"]]
+
+
+def planned_multi_step(t: int, gts: Sequence[Box], history: Sequence[Any], start_of: Any, T: int,
+                       sample_id: Any = None) -> tuple[str, list]:
+    """``(text, plan)`` of step ``t`` of the scripted teacher in a multi-box episode: at step 0 the plan from
+    ``start_of(gt box)`` per GT box (:func:`interpolate_box_sets` over ``T``), later the plan of step 0's output
+    (``history[0].extra["plan"]``)."""
+    if t == 0:
+        plan = interpolate_box_sets([start_of(g) for g in gts], gts, T)
+    else:
+        if not history or "plan" not in history[0].extra:
+            raise ValueError(f"InterpolatingTeacher: step {t} of sample {sample_id} has no plan in its step-0 history")
+        plan = history[0].extra["plan"]
+    boxes = plan[min(t, len(plan) - 1)]
+    return format_multi_step(multi_reasoning(plan[t - 1] if t > 0 else None, boxes, gts, t), boxes), plan
+
+
 def other_boxes_norm(sample: Any) -> list[list[int]]:
     """Normalised boxes of the scene's objects that are not referred to (``meta["objects"]`` minus targets)."""
     meta = sample.meta or {}
