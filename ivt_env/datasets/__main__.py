@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _info(args) -> int:
-    kwargs = {} if args.name == "synthetic" else {"check_images": not args.no_check_images}
+    synthetic = args.name.lower().replace("_", "").replace("-", "").startswith("synthetic")
+    kwargs = {} if synthetic else {"check_images": not args.no_check_images}
     report = {}
     for split in args.split or ["train", "val", "test"]:
         try:
