@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import gymnasium as gym  # noqa: E402
 
 import ivt_env  # noqa: E402,F401  (registers the env ids)
+from ivt_env.wrappers import close_vector_env  # noqa: E402
 from agents.policies.base import SamplingParams  # noqa: E402
 from agents.policies.scripted import OraclePolicy  # noqa: E402
 from rollouts.collector import Collector  # noqa: E402
@@ -163,8 +164,8 @@ def main(argv=None) -> dict:
     }
     for c in (single, listed, vector, vector_nocopy, null):
         c.close()
-    vec.close()
-    vec_nocopy.close()
+    close_vector_env(vec)  # robust: a dead worker must not leave the others running
+    close_vector_env(vec_nocopy)
     print(json.dumps(result, indent=2))
     return result
 

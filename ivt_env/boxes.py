@@ -32,6 +32,8 @@ _ANSWER_TAG = re.compile(r"<answer>", re.IGNORECASE)
 # One flat JSON object (no nested braces); ``"bbox_2d"`` is checked on the match. Putting the key inside the
 # pattern (``\{[^{}]*"bbox_2d"[^{}]*\}``) backtracks quadratically on a long brace-less run of repeated keys.
 _JSON_OBJ = re.compile(r"\{[^{}]*\}")
+# What a usable bbox_2d looks like: checked before json.loads, so a text of many near-miss objects stays cheap.
+_BBOX_KEY_LIST4 = re.compile(r'"bbox_2d"\s*:\s*' + _LIST4.pattern, re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -72,45 +74,76 @@ def _json_number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _candidates(text: str) -> list[tuple[int, list[float]]]:
-    """All 4-number boxes in ``text`` with their end offsets (bracketed lists and JSON ``bbox_2d``)."""
-    found = [(m.end(), [float(g) for g in m.groups()]) for m in _LIST4.finditer(text)]
+def _json_box(m: "re.Match") -> Optional[list[float]]:
+    """The ``bbox_2d`` of one flat JSON object match, or None when it has no usable one."""
+    if not _BBOX_KEY_LIST4.search(m.group(0)):
+        return None
+    try:
+        vals = json.loads(m.group(0)).get("bbox_2d")
+    except (ValueError, TypeError, AttributeError, RecursionError):
+        return None
+    if not (isinstance(vals, list) and len(vals) == 4 and all(_json_number(v) for v in vals)):
+        return None
+    try:
+        return [float(v) for v in vals]
+    except OverflowError:  # an integer beyond float range
+        return [math.inf] * 4
+
+
+def _pick(text: str, which: str) -> Optional[list[float]]:
+    """The last (or first) 4-number box in ``text``: bracketed lists and JSON ``bbox_2d`` objects.
+
+    Only the winner is converted (a 16k-character text may hold a thousand boxes). A JSON object's bbox_2d wins
+    over other lists inside the same object (``{"bbox_2d": A, "other": B}``): the object ends after them (last)
+    and starts before them (first). Flat objects never nest, so only the winning object's own lists compete.
+    """
+    lists = list(_LIST4.finditer(text))
+    last = which == "last"
+    lst = (lists[-1] if last else lists[0]) if lists else None
+    obj = None
     if '"bbox_2d"' in text:
-        # A JSON object's bbox_2d wins over other lists inside the same object ({"bbox_2d": A, "other": B}).
-        for m in _JSON_OBJ.finditer(text):
-            if '"bbox_2d"' not in m.group(0):
-                continue
-            try:
-                vals = json.loads(m.group(0)).get("bbox_2d")
-            except (ValueError, TypeError, AttributeError, RecursionError):
-                continue
-            if isinstance(vals, list) and len(vals) == 4 and all(_json_number(v) for v in vals):
-                try:
-                    found.append((m.end(), [float(v) for v in vals]))
-                except OverflowError:  # an integer beyond float range
-                    found.append((m.end(), [math.inf] * 4))
-    return found
+        objects = list(_JSON_OBJ.finditer(text))
+        for m in reversed(objects) if last else objects:
+            vals = _json_box(m)
+            if vals is not None:
+                obj = (m, vals)
+                break
+    # Lists never contain braces, so a list is wholly inside or outside an object; a list inside the winning
+    # object ends before it (last) and starts after it (first), and a list inside another object cannot win.
+    if obj is not None and (lst is None or (obj[0].end() > lst.end() if last else obj[0].start() < lst.start())):
+        return obj[1]
+    return None if lst is None else [float(g) for g in lst.groups()]
 
 
-def parse_box(text: object) -> ParsedBox:
-    """Parse the LAST box in a step's text.
+#: Which box of a text counts (``parse_box(which=...)``, env kwarg ``answer_box``).
+BOX_CHOICES = ("last", "first")
+
+
+def parse_box(text: object, which: str = "last") -> ParsedBox:
+    """Parse the LAST box in a step's text (``which="first"``: the first one, as Ref-Adv's published evaluation
+    reads answers).
 
     Accepted forms: ``<think>...</think> [x1, y1, x2, y2]``, Qwen3-VL JSON ``{"bbox_2d": [...]}`` (also inside a
     ```json fence or a list of such objects), and ``<answer>...</answer>`` wrappers (when an answer block exists,
-    only its content is searched). Boxes inside ``<think>`` are ignored when one exists outside it. Never raises.
+    only its content is searched: the last block, or the first with ``which="first"``). Boxes inside ``<think>``
+    are ignored when one exists outside it. Never raises on any text (a bad ``which`` is a ValueError).
     """
+    if which not in BOX_CHOICES:
+        raise ValueError(f"which must be one of {BOX_CHOICES}, got {which!r}")
     try:
         if not isinstance(text, str):
             return ParsedBox(None, f"not a string: {type(text).__name__}")
         answers = _ANSWER.findall(text) if _ANSWER_TAG.search(text) else None
-        scope = answers[-1] if answers else text
+        scope = (answers[-1] if which == "last" else answers[0]) if answers else text
         if _THINK_TAG.search(scope):
-            cands = _candidates(_THINK.sub(" ", scope)) or _candidates(scope)
+            box = _pick(_THINK.sub(" ", scope), which)
+            if box is None:
+                box = _pick(scope, which)
         else:  # the common case of a bare answer: one regex pass
-            cands = _candidates(scope)
-        if not cands:
+            box = _pick(scope, which)
+        if box is None:
             return ParsedBox(None, "no box found")
-        return _check(max(cands, key=lambda c: c[0])[1])
+        return _check(box)
     except Exception as exc:  # noqa: BLE001 - the contract is "never raise on any string"
         return ParsedBox(None, f"parse error: {type(exc).__name__}")
 

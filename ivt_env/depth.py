@@ -149,8 +149,9 @@ def image_name(sample: Any) -> Optional[str]:
 
 def attach_depth_folder(dataset: Any, folder: str | Path, scale: float = 1.0, require: bool = True) -> Any:
     """Give every sample of a loaded real dataset a ``meta["load_depth"]`` reading ``folder`` (aligned by image
-    file name, :func:`image_name`). The loader option ``load_dataset(..., depth_dir=folder)`` calls it. ``require``: fail now, naming the first
-    image without a depth map, instead of at its first use. Returns the dataset."""
+    file name, :func:`image_name`). The loader option ``load_dataset(..., depth_dir=folder)`` calls it.
+    ``require``: fail now, naming the first image without a depth map, instead of at its first use. Returns the
+    dataset."""
     from ivt_env.datasets.base import DatasetError
 
     folder = Path(folder)
@@ -236,7 +237,8 @@ def _read_depth_shared_memory(space: DepthSpace, shared_memory: Any, n: int = 1)
 def _write_depth_shared_memory(space: DepthSpace, index: int, value: np.ndarray, shared_memory: Any) -> None:
     if not space.contains(value):
         raise ValueError(f"depth map of shape {getattr(value, 'shape', None)} does not fit {space}")
-    row = np.frombuffer(shared_memory.get_obj(), dtype=np.float32)[index * _stride(space) : (index + 1) * _stride(space)]
+    n = _stride(space)
+    row = np.frombuffer(shared_memory.get_obj(), dtype=np.float32)[index * n : (index + 1) * n]
     h, w = value.shape
     row[:2] = (h, w)
     row[2 : 2 + h * w].reshape(h, w)[...] = value

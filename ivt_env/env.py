@@ -8,14 +8,13 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from ivt_env.boxes import NORM_MAX, hiou, iou, parse_box, to_norm, to_pixels
-from ivt_env.datasets.base import DatasetError, GroundingDataset, Sample
+from ivt_env.boxes import BOX_CHOICES, NORM_MAX, hiou, iou, parse_box, to_norm, to_pixels
+from ivt_env.datasets.base import MAX_EXPRESSION_CHARS, DatasetError, GroundingDataset, Sample
 from ivt_env.multibox import parse_boxes
 from ivt_env.rendering import Overlay, OverlayStyle
-from ivt_env.rewards import RewardFn, get_reward
+from ivt_env.rewards import RewardFn, call_reward, get_reward, reward_extras
 from ivt_env.spaces import FreeText, ImageSpace
 
-MAX_EXPRESSION_CHARS = 4096
 MAX_ACTION_CHARS = 16384
 
 
@@ -29,10 +28,13 @@ class GroundingRefineEnv(gym.Env):
     the overlay; it knows nothing about models or tokens.
 
     ## Action Space
-    :class:`~ivt_env.spaces.FreeText`: the full text the policy produced at this step (reasoning and box). The
-    LAST box in the text counts (``ivt_env.boxes.parse_box``): ``[x1, y1, x2, y2]`` integers in [0, 1000]
-    normalised by width/height, Qwen3-VL JSON ``{"bbox_2d": [...]}`` (also in a ```json fence) or inside
-    ``<answer>...</answer>``. An unparseable text is a legal action: ``info["valid"]`` is ``False``, IoU 0.
+    :class:`~ivt_env.spaces.FreeText` of at most ``MAX_ACTION_CHARS`` (16,384) characters: the full text the policy
+    produced at this step (reasoning and box). The LAST box in the text counts by default (``answer_box="first"``:
+    the first, as Ref-Adv's published evaluation reads answers; ``ivt_env.boxes.parse_box``): ``[x1, y1, x2, y2]``
+    integers in [0, 1000] normalised by width/height, Qwen3-VL JSON ``{"bbox_2d": [...]}`` (also in a ```json
+    fence) or inside ``<answer>...</answer>``. An unparseable text is a legal action: ``info["valid"]`` is
+    ``False``, IoU 0. A longer text is cut to its LAST 16,384 characters before parsing (where the final answer
+    is; ``info["action_truncated"]`` is then True), so a step costs at most a few milliseconds whatever the text.
 
     ## Observation Space
     A ``Dict``:
@@ -46,7 +48,8 @@ class GroundingRefineEnv(gym.Env):
     - ``prev_valid``: ``Discrete(2)``, 1 when ``prev_box`` holds a valid box.
 
     ## Rewards
-    ``reward_fn(ious, valids, *, step, max_steps)`` (see :mod:`ivt_env.rewards`). Default IVT Eq. 3: 0 at
+    ``reward_fn(ious, valids, *, step, max_steps)``, plus ``boxes=`` (each step's [0, 1000] box) for a reward that
+    names that parameter (see :mod:`ivt_env.rewards`). Default IVT Eq. 3: 0 at
     intermediate steps and ``IoU(final box, GT) + 0.1 * (fraction of steps with a valid box)`` at the last step.
 
     ## Starting State
@@ -61,25 +64,29 @@ class GroundingRefineEnv(gym.Env):
     ``sample_id, dataset, source`` (the sample's origin, e.g. within ``mix``), ``index, gt_box`` (xyxy pixels),
     ``gt_box_norm``, ``width, height, step`` (index of the step reported, -1 after reset), ``max_steps`` (T),
     ``box`` (pixels or None), ``box_norm``, ``valid``, ``reason`` (why the box is invalid, else None), ``iou``,
-    ``ious`` and ``valids`` (all steps so far). Multi-box episodes add ``multi`` (True), ``gt_boxes``
-    (every GT box, pixels), ``boxes`` / ``boxes_norm`` (every box of the step, ``[]`` when invalid), ``depths``
-    (the depth written with each box, ``None`` where none), ``gt_depths`` (when the dataset gives them), ``depth_ok`` (whether every written depth matched the
-    depth map, ``None`` when no depth was written or the sample has no depth map).
+    ``ious``, ``valids`` and ``boxes_norm`` (all steps so far; ``None`` for a step without a valid box); after
+    ``step`` also ``action_truncated`` (the text was over 16,384 characters and only its tail was read).
+    Multi-box episodes add ``multi`` (True), ``gt_boxes`` (every GT box, pixels), ``boxes`` / ``step_boxes_norm``
+    (every box of this step in pixels / [0, 1000], ``[]`` when invalid), ``depths`` (the depth written with each
+    box, ``None`` where none), ``gt_depths`` (when the dataset gives them), ``depth_ok`` (whether every written depth
+    matched the depth map, ``None`` when no depth was written or the sample has no depth map); their
+    ``boxes_norm`` entry of a step is its first box (a whole-image box when one of its boxes covers the image).
 
     ## Several boxes (multi-object grounding)
     On for every sample of a dataset with ``multi_box = True`` (``IVT-SyntheticMulti-v0``), for a sample with
     several GT boxes (``sample.meta["gt_boxes"]``), or always / never with ``multi_box=True/False``. A step then
     answers a list of boxes (:func:`ivt_env.multibox.parse_boxes`: ``[[x1, y1, x2, y2], ...]`` or a JSON list of
-    ``{"bbox_2d": [...], "depth": d}``), ``info["iou"]`` is the HIoU of the step's boxes with the GT boxes
-    (:func:`ivt_env.boxes.hiou`; equal to the IoU for one box against one), the overlay draws every box and
-    ``prev_box`` holds the first one. A reward function with ``reward_inputs = ("depth_oks",)`` also receives
-    ``depth_oks`` (``info["depth_ok"]`` of every step so far; the ``depth`` reward).
+    ``{"bbox_2d": [...], "depth": d}``; the last list counts whatever ``answer_box`` says), ``info["iou"]`` is the
+    HIoU of the step's boxes with the GT boxes (:func:`ivt_env.boxes.hiou`; equal to the IoU for one box against
+    one), the overlay draws every box and ``prev_box`` holds the first one. A reward naming ``depth_oks`` also
+    receives ``info["depth_ok"]`` of every step so far (the ``depth`` reward).
 
     ## Arguments
     - ``dataset``: a name for :func:`ivt_env.datasets.load_dataset` (``synthetic``, ``refcocog``, ``refadv``,
       ``refl4``, ``mix``) or a dataset object with ``name``, ``__len__``, ``__getitem__`` -> ``Sample`` and
       ``sample_ids``.
-    - ``split``: dataset split (``train``, ``val``, ``test``); ignored for a dataset object.
+    - ``split``: dataset split (``train``, ``val``, ``test``; ``refadv`` also ``all``, its 1,142 rows:
+      ``ivt_env.datasets.dataset_splits(name)``); ignored for a dataset object.
     - ``max_refine_steps``: T, refinement steps after step 0 (default 2, as in the paper).
     - ``reward_fn``: ``None`` (IVT Eq. 3), a callable, a registered name or ``"pkg.module:attr"``.
     - ``data_root``: where the datasets lie; ``None`` lets the loader use ``$IVT_DATA``.
@@ -89,6 +96,7 @@ class GroundingRefineEnv(gym.Env):
     - ``overlay``: an :class:`~ivt_env.rendering.OverlayStyle` or a dict of its fields.
     - ``max_image_size``: ``(max_height, max_width)`` bound of the image space; ``None`` takes the dataset's
       ``max_image_size`` attribute or scans its samples' sizes.
+    - ``answer_box``: which box of a step's text counts, ``"last"`` (default) or ``"first"``.
     - ``multi_box``: ``None`` (auto, see "Several boxes"), ``True`` or ``False``.
     - ``depth_observation``: add the observation key ``depth`` (:class:`ivt_env.depth.DepthSpace`, float32
       ``(H, W)``, larger = farther) from ``sample.meta["load_depth"]``; every sample must have one.
@@ -110,9 +118,13 @@ class GroundingRefineEnv(gym.Env):
         dataset_kwargs: Optional[Mapping[str, Any]] = None,
         overlay: Union[OverlayStyle, Mapping[str, Any], None] = None,
         max_image_size: Optional[Sequence[int]] = None,
+        answer_box: str = "last",
         multi_box: Optional[bool] = None,
         depth_observation: bool = False,
     ):
+        if answer_box not in BOX_CHOICES:
+            raise ValueError(f"answer_box must be one of {BOX_CHOICES}, got {answer_box!r}")
+        self.answer_box = answer_box
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
         if not isinstance(max_refine_steps, (int, np.integer)) or max_refine_steps < 0:
@@ -120,6 +132,7 @@ class GroundingRefineEnv(gym.Env):
         self.render_mode = render_mode
         self.max_refine_steps = int(max_refine_steps)
         self.reward_fn = get_reward(reward_fn)
+        self._reward_extras = reward_extras(self.reward_fn)  # e.g. {"boxes"}: read once, not per step
         self.overlay_style = OverlayStyle.coerce(overlay)
         self.dataset = _resolve_dataset(dataset, split, data_root, dataset_kwargs)
         self.dataset_name = str(getattr(self.dataset, "name", type(self.dataset).__name__))
@@ -170,6 +183,7 @@ class GroundingRefineEnv(gym.Env):
         self._gt_norm = to_norm(self._gt, sample.width, sample.height)
         self._ious: list[float] = []
         self._valids: list[bool] = []
+        self._boxes: list[Optional[tuple]] = []  # [0, 1000] box of each step, None when invalid
         self._reset_multi(sample)
         self._t = 0
         self._frame = image.copy()  # a new array: the caller may write into observations
@@ -184,21 +198,22 @@ class GroundingRefineEnv(gym.Env):
             raise RuntimeError(f"the episode ended after {T + 1} steps: call reset() before step()")
         t = self._t
         sample = self._sample
+        truncated = isinstance(action, str) and len(action) > MAX_ACTION_CHARS
+        if truncated:  # the action space's own bound; the tail holds the final answer (and the last box)
+            action = action[-MAX_ACTION_CHARS:]
         if self._multi:
             parsed, box_norm, box_px, score, boxes_px = self._score_multi(action)
         else:
-            parsed = parse_box(action)
+            parsed = parse_box(action, self.answer_box)
             box_norm = parsed.box
             box_px = to_pixels(box_norm, sample.width, sample.height) if box_norm is not None else None
             score = iou(box_px, self._gt) if box_px is not None else 0.0
-            self._extra = dict(self._extra, boxes=[box_px] if box_px else [], boxes_norm=[box_norm] if box_norm
-                               else [], depths=[None] if box_px else [], depth_ok=None)
         self._ious.append(score)
         self._valids.append(box_px is not None)
+        self._boxes.append(self._step_box(box_norm) if box_px is not None else None)
         self._depth_oks.append(self._extra["depth_ok"])
-        wanted = getattr(self.reward_fn, "reward_inputs", ())
-        extra = {"depth_oks": list(self._depth_oks)} if "depth_oks" in wanted else {}
-        reward = float(self.reward_fn(list(self._ious), list(self._valids), step=t, max_steps=T, **extra))
+        reward = call_reward(self.reward_fn, self._reward_extras, self._ious, self._valids, step=t, max_steps=T,
+                             boxes=self._boxes, depth_oks=self._depth_oks)
         self._t = t + 1
         if self._multi:
             self._frame = self._overlay.draw_many(boxes_px)
@@ -206,6 +221,7 @@ class GroundingRefineEnv(gym.Env):
             self._frame = self._overlay.draw(box_px)  # None draws nothing: a plain copy of the original
         obs = self._observation(box_norm)
         info = self._info(t, box_px, box_norm, box_px is not None, parsed.reason, score)
+        info["action_truncated"] = truncated
         return obs, reward, t == T, False, info
 
     def render(self) -> Optional[np.ndarray]:
@@ -265,7 +281,8 @@ class GroundingRefineEnv(gym.Env):
                                    "(meta['load_depth']) but the env has depth_observation=True")
             self._depth_map = np.asarray(load_depth(), dtype=np.float32)
         self._depth_oks: list[Optional[bool]] = []
-        self._extra = {"multi": self._multi, "gt_boxes": list(self._gt_boxes), "boxes": [], "boxes_norm": [],
+        self._step_boxes: list[tuple] = []
+        self._extra = {"multi": self._multi, "gt_boxes": list(self._gt_boxes), "boxes": [], "step_boxes_norm": [],
                        "depths": [], "depth_ok": None}
         if (sample.meta or {}).get("gt_depths") is not None:  # synthetic scenes: each GT object's depth
             self._extra["gt_depths"] = list(sample.meta["gt_depths"])
@@ -279,10 +296,20 @@ class GroundingRefineEnv(gym.Env):
         boxes_px = [to_pixels(b, s.width, s.height) for b in boxes_norm]
         score = hiou(boxes_px, self._gt_boxes) if parsed.valid else 0.0
         depth_ok = check_depths(boxes_px, parsed.depths, self._depth_map) if parsed.valid else None
-        self._extra = dict(self._extra, boxes=boxes_px, boxes_norm=boxes_norm, depths=list(parsed.depths),
+        self._extra = dict(self._extra, boxes=boxes_px, step_boxes_norm=boxes_norm, depths=list(parsed.depths),
                            depth_ok=depth_ok)
+        self._step_boxes = boxes_norm
         first_norm = boxes_norm[0] if boxes_norm else None
         return parsed, first_norm, (boxes_px[0] if boxes_px else None), score, boxes_px
+
+    def _step_box(self, box_norm) -> tuple:
+        """The step's entry of ``boxes_norm`` (the rewards' ``boxes``): its box; in a multi-box episode its first
+        box, or the whole image when one of its boxes covers it (SIFThinker's B_ini then skips the step)."""
+        if self._multi:
+            whole = (0.0, 0.0, float(NORM_MAX), float(NORM_MAX))
+            if any(b[0] <= 0 and b[1] <= 0 and b[2] >= NORM_MAX and b[3] >= NORM_MAX for b in self._step_boxes):
+                return whole
+        return tuple(box_norm)
 
     def _observation(self, prev_norm) -> dict[str, Any]:
         obs = {
@@ -316,6 +343,7 @@ class GroundingRefineEnv(gym.Env):
             "iou": score,
             "ious": list(self._ious),
             "valids": list(self._valids),
+            "boxes_norm": list(self._boxes),
             **(self._extra if self._multi else {}),  # single-box episodes keep exactly the keys above
         }
 

@@ -69,7 +69,8 @@ def _candidates(text: str) -> list[tuple[int, int, list[tuple[list[float], Optio
     """``(end, -start, [(box, depth), ...])`` of every single box and every list of boxes in ``text``."""
     found = [(m.end(), -m.start(), [([float(g) for g in m.groups()], None)]) for m in _LIST4.finditer(text)]
     for m in _LIST_OF_LISTS.finditer(text):
-        found.append((m.end(), -m.start(), [([float(g) for g in b.groups()], None) for b in _LIST4.finditer(m.group(0))]))
+        boxes = [([float(g) for g in b.groups()], None) for b in _LIST4.finditer(m.group(0))]
+        found.append((m.end(), -m.start(), boxes))
     if '"bbox_2d"' in text:
         for m in _JSON_OBJ.finditer(text):
             if '"bbox_2d"' not in m.group(0):

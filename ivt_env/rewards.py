@@ -11,18 +11,31 @@ Contract (TRL-style: a plain function of what the env measured, no env or model 
   ``step == max_steps``.
 - Returns this step's reward. The episode return is the sum over steps; rewards that pay once pay at the last step.
 
+Optional inputs, passed only to a reward that names them as a keyword parameter (detected once with
+:func:`reward_extras` when the env or wrapper resolves the reward, so rewards written against the signature above
+keep working unchanged)::
+
+    reward_fn(ious, valids, *, step, max_steps, boxes) -> float
+
+- ``boxes``: the box of every step so far (same length as ``ious``) as ``(x1, y1, x2, y2)`` in the [0, 1000]
+  normalised frame (the whole image is ``(0, 0, 1000, 1000)``), ``None`` for a step without a valid box.
+- ``depth_oks``: per step, whether every (box, depth) pair the step wrote matched the depth map (SIFThinker's
+  check, :func:`ivt_env.depth.check_depths`), ``None`` for a step that wrote no depth (the ``depth`` reward).
+
 Names for :func:`get_reward`: ``ivt`` (default, IVT Eq. 3), ``dense`` (per-step IoU improvement), ``iou`` (VLM-R1
 pure IoU), ``sifthinker`` (correction-enhanced), ``shaped`` (six-component shaping), ``hiou`` (Eq. 3 on HIoU, the
 default of ``IVT-SyntheticMulti-v0``), ``depth`` (SIFThinker's r_depth), ``hiou_depth`` (their sum). In a
-multi-box episode the env's ``ious`` are HIoUs, so every reward scores several boxes with HIoU there. Any ``"pkg.module:attr"``
-import path also works (a class there is instantiated with no arguments).
+multi-box episode the env's ``ious`` are HIoUs, so every reward scores several boxes with HIoU there. Any
+``"pkg.module:attr"`` import path also works (a class there is instantiated with no arguments).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence, Union
 
+from ivt_env.boxes import NORM_MAX
 from ivt_env.registries import Registry
 
 RewardFn = Callable[..., float]
@@ -59,15 +72,34 @@ def vlm_r1_iou(ious: Sequence[float], valids: Sequence[bool], *, step: int, max_
     return float(ious[-1]) if step == max_steps else 0.0
 
 
-def sifthinker_reward(ious: Sequence[float], valids: Sequence[bool], *, step: int, max_steps: int) -> float:
-    """SIFThinker's correction-enhanced box reward ``s_end + (s_end - s_init)`` with ``s`` = IoU, at the last step.
+def covers_whole_image(box_norm: Optional[Sequence[float]]) -> bool:
+    """True when a [0, 1000] normalised box spans the whole image."""
+    if box_norm is None:
+        return False
+    x1, y1, x2, y2 = box_norm
+    return x1 <= 0 and y1 <= 0 and x2 >= NORM_MAX and y2 >= NORM_MAX
 
-    ``s_init`` is step 0's IoU; the reward is in [-1, 2] and pays for the correction, not only the end point.
+
+def sifthinker_reward(ious: Sequence[float], valids: Sequence[bool], *, step: int, max_steps: int,
+                      boxes: Optional[Sequence[Optional[Sequence[float]]]] = None) -> float:
+    """SIFThinker's correction-enhanced box reward ``r_bbox = s_end + (s_end - s_init)`` with ``s`` = IoU, paid at
+    the last step (Chen et al. 2025, SIFThinker, "correction-enhanced grounding reward"; SIFThinker scores boxes with
+    its hierarchical IoU, one GT box here makes it the IoU).
+
+    ``s_end`` is the final box's IoU; ``s_init`` the IoU of the FIRST box of the trajectory that does not cover the
+    whole image (SIFThinker's B_ini): a step without a valid box or with a whole-image box is skipped. When no box
+    qualifies before the end, ``s_init = s_end`` (no correction to pay for). Without ``boxes`` (a caller of the old
+    signature) only invalid steps can be skipped. The reward is in [-1, 2].
     """
     _check(ious, valids, step, max_steps)
+    if boxes is not None and len(boxes) != len(ious):
+        raise ValueError(f"reward contract: {len(boxes)} boxes for {len(ious)} steps")
     if step < max_steps:
         return 0.0
-    s_init, s_end = float(ious[0]), float(ious[-1])
+    s_end = float(ious[-1])
+    s_init = next((float(ious[i]) for i in range(len(ious))
+                   if valids[i] and not (boxes is not None and (boxes[i] is None or covers_whole_image(boxes[i])))),
+                  s_end)
     return s_end + (s_end - s_init)
 
 
@@ -139,6 +171,28 @@ REWARDS.register("sifthinker", sifthinker_reward)
 REWARDS.register("shaped", ShapedReward())
 
 
+REWARD_EXTRAS = ("boxes", "depth_oks")  # optional reward inputs, passed to a reward that names them
+
+
+def reward_extras(fn: RewardFn) -> frozenset:
+    """The optional inputs (:data:`REWARD_EXTRAS`) that ``fn`` names as keyword parameters; call once per reward."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # some builtins have no signature: the documented contract only
+        return frozenset()
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return frozenset(n for n in REWARD_EXTRAS if n in params and params[n].kind in kinds)
+
+
+def call_reward(fn: RewardFn, extras: frozenset, ious: Sequence[float], valids: Sequence[bool], *, step: int,
+                max_steps: int, boxes: Optional[Sequence] = None, depth_oks: Optional[Sequence] = None) -> float:
+    """``fn``'s reward with the documented arguments plus the extras it asked for (``extras = reward_extras(fn)``)."""
+    kw = {"boxes": list(boxes) if boxes is not None else None} if "boxes" in extras else {}
+    if "depth_oks" in extras:
+        kw["depth_oks"] = list(depth_oks) if depth_oks is not None else None
+    return float(fn(list(ious), list(valids), step=step, max_steps=max_steps, **kw))
+
+
 def register_reward(name: str, fn: Optional[RewardFn] = None):
     """Add a named reward (e.g. from a plug-in module) so envs can take ``reward_fn=name``; also a decorator:
     ``@register_reward("mine")``."""
@@ -183,10 +237,8 @@ class DepthReward:
     (box, depth) pair and every written pair has ``|d - d_gt| / d_gt <= 0.1`` (``d_gt`` from the depth map inside
     the box, :func:`ivt_env.depth.depth_in_box`), else 0 (also when no depth was written: nothing earns it).
 
-    Needs the env's per-step depth checks: ``reward_inputs = ("depth_oks",)`` makes the env pass ``depth_oks``
-    (``info["depth_ok"]`` per step: True / False, ``None`` for a step without depth)."""
-
-    reward_inputs = ("depth_oks",)
+    Needs the env's per-step depth checks: naming ``depth_oks`` makes the env pass them (``info["depth_ok"]`` per
+    step: True / False, ``None`` for a step without depth; see :func:`reward_extras`)."""
 
     def __call__(self, ious: Sequence[float], valids: Sequence[bool], *, step: int, max_steps: int,
                  depth_oks: Optional[Sequence[Optional[bool]]] = None) -> float:

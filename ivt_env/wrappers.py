@@ -10,12 +10,15 @@ Reward shaping two ways (same numbers, pick whichever fits the code around it):
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import Any, Optional, Union
 
 import gymnasium as gym
 
-from ivt_env.rewards import RewardFn, get_reward, reward_name
+from ivt_env.rewards import RewardFn, call_reward, get_reward, reward_extras, reward_name
+
+log = logging.getLogger(__name__)
 
 
 class ShapedRewardWrapper(gym.Wrapper):
@@ -39,6 +42,7 @@ class ShapedRewardWrapper(gym.Wrapper):
     def __init__(self, env: gym.Env, shaping: Union[str, RewardFn] = "shaped", scale: float = 1.0):
         super().__init__(env)
         self.shaping = get_reward(shaping)
+        self._extras = reward_extras(self.shaping)
         self.scale = float(scale)
 
     def step(self, action):
@@ -50,7 +54,8 @@ class ShapedRewardWrapper(gym.Wrapper):
     def shaping_reward(self, info: dict[str, Any]) -> float:
         """``scale * shaping(...)`` for the step ``info`` describes."""
         T = info.get("max_steps", self.env.unwrapped.max_refine_steps)
-        extra = self.shaping(list(info["ious"]), list(info["valids"]), step=info["step"], max_steps=T)
+        extra = call_reward(self.shaping, self._extras, info["ious"], info["valids"], step=info["step"], max_steps=T,
+                            boxes=info.get("boxes_norm"))
         return self.scale * float(extra)
 
     def __repr__(self) -> str:
@@ -99,3 +104,41 @@ class RecordStepIoUs(gym.Wrapper):
             self.history.append(record)
             info = dict(info, episode=dict(record))
         return obs, reward, terminated, truncated, info
+
+
+def close_vector_env(vec: Any, timeout: float = 5.0) -> None:
+    """Close a vector env even when one of its workers died, and leave no worker process behind.
+
+    Gymnasium's ``AsyncVectorEnv.close`` sends every worker "close" and then waits for each answer: a dead worker's
+    pipe raises (BrokenPipeError / EOFError), ``close`` stops there and the live workers are never joined. Here a
+    failed close is logged (one line naming the exit codes), every worker still alive is terminated (killed after
+    ``timeout`` seconds), every pipe is closed and the env is marked closed, so its finaliser does not try again.
+    Any other env (sync vector env, plain env) is simply closed.
+    """
+    try:
+        vec.close()
+        return
+    except Exception as e:  # noqa: BLE001 - the cleanup below must run whatever the close raised
+        error = e
+    processes = list(getattr(vec, "processes", []) or [])
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    for p in processes:
+        p.join(timeout)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout)
+    for pipe in getattr(vec, "parent_pipes", []) or []:
+        try:
+            if pipe is not None:
+                pipe.close()
+        except OSError:
+            pass
+    try:
+        vec.closed = True
+    except AttributeError:
+        pass
+    codes = [p.exitcode for p in processes]
+    log.warning("%s: close failed (%s: %s); stopped its %d workers (exit codes %s)",
+                type(vec).__name__, type(error).__name__, error, len(processes), codes)

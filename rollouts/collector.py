@@ -14,21 +14,63 @@ Before a policy sees ``infos[i]`` the collector adds ``group_member`` (0..N-1), 
 (T, when the env exposes ``max_refine_steps``). Each :class:`~rollouts.types.Step` gets the policy's text and token
 fields, the env's parsed box / validity / IoU / reward and, with ``keep_observations=True``, the observation image
 the policy saw at that step.
+
+Bad records met at reset: a sample whose reset raises :class:`~ivt_env.datasets.base.DatasetError` (an image that
+cannot be decoded, an expression over the env's limit: what the loader's checks could not catch) is SKIPPED with its
+whole group, counted in ``Collector.last_skipped`` / ``Collector.skipped`` and logged once (one WARNING line naming
+the sample id and the error, which names the file); the collection goes on with the other samples, and later calls
+skip that index without trying it again. Skipping needs envs that survive a failed reset: a list of envs, an env, a
+``SyncVectorEnv``; Gymnasium's ``AsyncVectorEnv`` stops a worker on any error, so there the error ends the run.
 """
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import gymnasium as gym
 import numpy as np
 
+from ivt_env.datasets.base import DatasetError
+from ivt_env.wrappers import close_vector_env
 from rollouts.policy import Policy, PolicyOutput, SamplingParams
 from rollouts.types import Step, Trajectory
 
 EnvSource = Union[gym.Env, gym.vector.VectorEnv, Sequence[gym.Env], Callable[[], gym.Env], str]
 _RESET_VECTOR_ENVS: "weakref.WeakSet" = weakref.WeakSet()  # vector envs whose every slot holds an observation
+log = logging.getLogger(__name__)
+
+
+class _ResetFailed(Exception):
+    """The reset to sample ``index`` raised a DatasetError (a bad record): the collector skips that sample."""
+
+    def __init__(self, index: int, error: BaseException):
+        super().__init__(index, error)
+        self.index, self.error = index, error
+
+
+def _after_failed_reset(env: Any) -> None:
+    """Gymnasium's PassiveEnvChecker (``gym.make`` adds it) compares the first step with the first reset's data; when
+    that first reset raised there is none, and the next steps would fail on ``None``: skip those comparisons."""
+    while env is not None:
+        if hasattr(env, "checked_step") and getattr(env, "_previous_data", True) is None:
+            env.checked_step = env.checked_data_reuse = True
+        env = getattr(env, "env", None)
+
+
+def _sample_id(env: Any, index: int) -> Optional[str]:
+    """``"id"`` or ``"id, image FILE"`` of sample ``index`` (the loaders' samples know their file)."""
+    try:
+        dataset = env.unwrapped.dataset
+        sid = str(dataset.sample_ids[index])
+    except Exception:  # noqa: BLE001 - only used to name the record in a log line
+        return None
+    try:
+        ref = getattr(dataset[index].load_image, "ref", None)
+        return f"{sid}, image {ref.describe()}" if ref is not None else sid
+    except Exception:  # noqa: BLE001
+        return sid
 
 
 def _py(v: Any) -> Any:
@@ -70,7 +112,11 @@ class _ListSlots:
     def reset(self, items: list[tuple[int, int]], seeds: list[Optional[int]]) -> tuple[list, list]:
         obs, infos = [], []
         for slot, (index, _) in enumerate(items):
-            o, info = self.envs[slot].reset(seed=seeds[slot], options={"index": index})
+            try:
+                o, info = self.envs[slot].reset(seed=seeds[slot], options={"index": index})
+            except DatasetError as e:
+                _after_failed_reset(self.envs[slot])
+                raise _ResetFailed(index, e) from e
             obs.append(o)
             infos.append(info)
         return obs, infos
@@ -86,14 +132,15 @@ class _ListSlots:
 
     def close(self) -> None:
         if self.owned:
-            for env in self.envs:
-                env.close()
+            for env in self.envs:  # one failing close must not leave the others open
+                close_vector_env(env)
 
 
 class _VectorSlots:
     """A gymnasium vector env; slots without work (last, partial batch) replay the batch's first sample."""
 
-    def __init__(self, vec: gym.vector.VectorEnv):
+    def __init__(self, vec: gym.vector.VectorEnv, owned: bool = False):
+        self.owned = owned
         mode = getattr(vec, "autoreset_mode", None) or vec.metadata.get("autoreset_mode")
         if mode is not None and getattr(mode, "name", str(mode)) == "SAME_STEP":
             raise ValueError("collect_groups: vector envs with autoreset_mode SAME_STEP are not supported "
@@ -109,15 +156,21 @@ class _VectorSlots:
         infos: list = [None] * self.n
         if self.vec not in _RESET_VECTOR_ENVS:
             # masked resets need every slot to hold an observation already: one full reset first
-            obs, info = self.vec.reset(seed=list(seeds), options={"index": indices[0]})
+            try:
+                obs, info = self.vec.reset(seed=list(seeds), options={"index": indices[0]})
+            except DatasetError as e:
+                raise _ResetFailed(indices[0], e) from e
             _RESET_VECTOR_ENVS.add(self.vec)
             infos = [unbatch_info(info, s) for s in range(self.n)]
             seeds = [None] * self.n
         todo = [s for s in range(self.n) if infos[s] is None or indices[s] != indices[0]]
         for index in dict.fromkeys(indices[s] for s in todo):  # one masked reset per distinct sample
             mask = np.array([s in todo and indices[s] == index for s in range(self.n)], dtype=np.bool_)
-            obs, info = self.vec.reset(seed=[seeds[s] if mask[s] else None for s in range(self.n)],
-                                       options={"index": index, "reset_mask": mask})
+            try:
+                obs, info = self.vec.reset(seed=[seeds[s] if mask[s] else None for s in range(self.n)],
+                                           options={"index": index, "reset_mask": mask})
+            except DatasetError as e:
+                raise _ResetFailed(index, e) from e
             for s in np.flatnonzero(mask):
                 infos[s] = unbatch_info(info, int(s))
         return [_unbatch_obs(obs, s) for s in range(self.n)], infos
@@ -136,8 +189,9 @@ class _VectorSlots:
         except Exception:  # noqa: BLE001 - an env without a dataset attribute
             return None
 
-    def close(self) -> None:  # the caller owns the vector env
-        pass
+    def close(self) -> None:
+        if self.owned:  # robustly: an async env with a dead worker must not leave the other workers running
+            close_vector_env(self.vec)
 
 
 def _len_or_none(dataset: Any) -> Optional[int]:
@@ -160,18 +214,23 @@ def _list_or_none(v: Any) -> Optional[list[float]]:
 
 
 class Collector:
-    """Holds the env slots across calls (GRPO collects every iteration; datasets load once)."""
+    """Holds the env slots across calls (GRPO collects every iteration; datasets load once).
 
-    def __init__(self, envs: EnvSource, num_envs: Optional[int] = None, env_kwargs: Optional[dict] = None):
+    ``own_envs=True`` hands a given vector env / env / list of envs to the collector: ``close()`` closes them
+    (robustly: :func:`ivt_env.wrappers.close_vector_env`). Envs it builds from an id or factory are always its own.
+    """
+
+    def __init__(self, envs: EnvSource, num_envs: Optional[int] = None, env_kwargs: Optional[dict] = None,
+                 own_envs: bool = False):
         self._explicit_n = num_envs
         if isinstance(envs, gym.vector.VectorEnv):
-            self.slots: Any = _VectorSlots(envs)
+            self.slots: Any = _VectorSlots(envs, owned=own_envs)
         elif isinstance(envs, gym.Env):
-            self.slots = _ListSlots([envs], owned=False)
+            self.slots = _ListSlots([envs], owned=own_envs)
         elif isinstance(envs, (list, tuple)):
             if not envs or not all(isinstance(e, gym.Env) for e in envs):
                 raise TypeError("collect_groups: a list of envs must be non-empty and hold gymnasium.Env objects")
-            self.slots = _ListSlots(envs, owned=False)
+            self.slots = _ListSlots(envs, owned=own_envs)
         elif isinstance(envs, str) or callable(envs):
             self.slots = None  # built lazily once the batch size is known
             kwargs = dict(env_kwargs or {})
@@ -179,6 +238,10 @@ class Collector:
         else:
             raise TypeError(f"collect_groups: cannot collect from a {type(envs).__name__}; give a vector env, an env, "
                             "a list of envs, an env id or an env factory")
+        #: sample index -> {"index", "sample_id", "error"} of every bad record met so far (skipped ever after)
+        self.skipped: dict[int, dict] = {}
+        #: the samples the last ``collect`` call skipped (one entry per sample, whatever the group size)
+        self.last_skipped: list[dict] = []
 
     def _ensure(self, n_work: int, group_size: int) -> None:
         if self.slots is None:
@@ -206,6 +269,8 @@ class Collector:
         if seed is not None and hasattr(policy, "seed"):
             policy.seed(seed)
         B = self.slots.n
+        self.last_skipped = [self.skipped[i] for i in dict.fromkeys(idx for idx, _, _ in work if idx in self.skipped)]
+        work = [w for w in work if w[0] not in self.skipped]
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -213,17 +278,33 @@ class Collector:
             bar = tqdm(total=len(work), desc="rollouts", unit="traj", dynamic_ncols=True)
         out: list[Trajectory] = []
         try:
-            for b0 in range(0, len(work), B):
+            b0 = 0
+            while b0 < len(work):
                 batch = work[b0 : b0 + B]
                 first = seed is not None and b0 == 0
                 seeds = [seed + s if first else None for s in range(B)]
-                out.extend(self._run_batch(policy, batch, sampling, seeds, keep_observations))
+                try:
+                    out.extend(self._run_batch(policy, batch, sampling, seeds, keep_observations))
+                except _ResetFailed as e:  # a bad record: drop its group, run the batch again without it
+                    self._skip(e.index, e.error)
+                    work = work[:b0] + [w for w in work[b0:] if w[0] != e.index]
+                    continue
+                b0 += len(batch)
                 if bar is not None:
                     bar.update(len(batch))
         finally:
             if bar is not None:
                 bar.close()
         return out
+
+    def _skip(self, index: int, error: BaseException) -> None:
+        envs = getattr(self.slots, "envs", None)
+        sid = _sample_id(envs[0], index) if envs else None
+        entry = {"index": index, "sample_id": sid, "error": f"{type(error).__name__}: {error}"}
+        self.skipped[index] = entry
+        self.last_skipped.append(entry)
+        log.warning("skipped sample %d%s at reset (a bad record; the run goes on): %s", index,
+                    f" ({sid})" if sid else "", entry["error"])
 
     def _annotate(self, info: dict, item: tuple[int, int, int]) -> dict:
         # in place: envs return a fresh info dict per call, and only keys are added
@@ -264,7 +345,7 @@ class Collector:
                     t=len(steps), text=o.text, valid=bool(info["valid"]), iou=float(info["iou"]), reward=float(reward),
                     box_norm=_list_or_none(info.get("box_norm")), box=_list_or_none(info.get("box")),
                     reason=info.get("reason"), token_ids=o.token_ids, logprobs=o.logprobs,
-                    boxes_norm=[list(b) for b in info["boxes_norm"]] if "boxes_norm" in info else None,
+                    boxes_norm=[list(b) for b in info["step_boxes_norm"]] if "step_boxes_norm" in info else None,
                     injected_ids=o.injected_ids, observation=cur_obs[s]["image"] if keep_obs else None,
                     extra=dict(o.extra) if o.extra else {},
                 ))

@@ -21,7 +21,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
     "$PY" -m pip install -q "torch==$TORCH_PIN"
   fi
 fi
-if ! "$PY" -c "import ivt_env, agents, rollouts, transformers, peft, bitsandbytes, tensorboard, tyro, scipy, yaml, tqdm, pyarrow, tokenizers, pytest, hypothesis" >/dev/null 2>&1 || [ "${IVT_REINSTALL:-0}" = 1 ]; then
+if ! "$PY" -c "import ivt_env, agents, rollouts, transformers, peft, bitsandbytes, tensorboard, tyro, scipy, matplotlib, yaml, tqdm, pyarrow, tokenizers, pytest, hypothesis" >/dev/null 2>&1 || [ "${IVT_REINSTALL:-0}" = 1 ]; then
   echo "[setup] installing ivt (editable) with test extras"
   "$PY" -m pip install -q -e ".[dev]"
 fi

@@ -28,7 +28,11 @@ class BCConfig:
     runs_root: str = "runs"
     """Parent folder of auto-named run folders."""
     resume: bool = False
-    """Continue the run in --out from its newest checkpoint. A bare `--resume` means `--resume True`."""
+    """Continue the run in --out from its newest checkpoint (a longer run extends it: the learning-rate schedule is
+    rebuilt for the new length). A bare `--resume` means `--resume True`."""
+    overwrite: bool = False
+    """Start clean in an --out that holds a previous run: delete its logs, checkpoints, base/, best/ and final/
+    first (without it, and without --resume, a used --out is refused)."""
 
     # ------------------------------------------------------------------------------------------------ model
     init_from: str = "tiny"
@@ -61,7 +65,9 @@ class BCConfig:
     # ------------------------------------------------------------------------------------------------ data
     data: str = "online"
     """Teacher trajectories: a folder written by `python -m agents.synthesis`, or 'online' to synthesize fresh
-    ones for every batch with the settings in `synth` (scripted student or GT perturbation only)."""
+    ones for every batch with the settings in `synth` (scripted student or GT perturbation only). With a folder,
+    the online-only phases (grounding_mix, grounding_only_steps, localize_steps) are off, whatever the config
+    says (a note names the values dropped): the folder's trajectories are the whole training set."""
     data_limit: int = 0
     """Use only the first K trajectories of the data folder (0: all)."""
     grounding_mix: float = 0.0
@@ -170,6 +176,7 @@ class BCConfig:
              "grounding_mix / grounding_only_steps / localize_steps need data=online"),
             (not (self.full_finetune and self.load_in_4bit), "full_finetune excludes load_in_4bit"),
             (not self.resume or bool(self.out), "--resume needs --out DIR (the run folder to continue)"),
+            (not (self.resume and self.overwrite), "give --resume (continue) or --overwrite (start clean), not both"),
             (self.synth.start != "student" or self.data != "online" or self.synth.student == "scripted",
              "data=online runs the student per batch: use synth.student=scripted (or synthesize a folder first)"),
         ]

@@ -26,12 +26,25 @@ def build_policy(cfg: BCConfig, run_dir: Path) -> Any:
 
         base = run_dir / "base"
         if not (base / "config.json").is_file():
-            build_tiny_model(base, seed=cfg.tiny_seed)
-            if cfg.number_init == "sinusoidal":
-                init_number_embeddings(base)
+            # built and initialised in a staging folder, then moved into place whole: a kill in between leaves
+            # no base/ (rebuilt next time), never a base/ without its number embeddings
+            from ivt_env.atomic import atomic_dir
+
+            with atomic_dir(base) as tmp:
+                build_tiny_model(tmp / "model", seed=cfg.tiny_seed)
+                if cfg.number_init == "sinusoidal":
+                    init_number_embeddings(tmp / "model")
+                for f in (tmp / "model").iterdir():
+                    f.rename(tmp / f.name)
+                (tmp / "model").rmdir()
         path = str(base)
-    elif not Path(path).exists() and "/" not in path:
-        raise FileNotFoundError(f"init_from {path!r}: no such model folder (use 'tiny' for a fresh tiny model)")
+    else:
+        from agents.policies.model_dir import resolve_model_dir
+
+        try:
+            path = resolve_model_dir(path, "--init-from")
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e} (use 'tiny' for a fresh tiny model)") from None
     lora = None if cfg.full_finetune or not cfg.lora.enabled else cfg.lora
     if not cfg.full_finetune and lora is None:
         raise ValueError("bc config: lora.enabled is false and full_finetune is false: nothing would train")

@@ -29,12 +29,14 @@ import torch
 
 from agents.bc.config import BCConfig
 from agents.bc.setup import bc_scheduler, build_data, build_policy, steps_per_epoch, total_steps
-from agents.common.checkpoint import (checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints, read_state,
-                                     save_checkpoint)
+from agents.common.checkpoint import (CheckpointError, apply_schedule, checkpoint_dir, latest_checkpoint,
+                                     load_checkpoint, prune_checkpoints, read_state, save_checkpoint)
 from agents.common.config import atomic_write_text, parse_train_command, to_dict
 from agents.common.run_logging import RunLogger, prepare_run_dir, truncate_scalars
 from agents.common.seeding import seed_everything
 from agents.policies.base import BCLossOptions, SamplingParams
+from agents.preflight import check_bc
+from ivt_env.datasets.base import DatasetError
 
 DEFAULT_CONFIG = "bc_cpu.yaml"
 PROG = "python -m agents.bc train"
@@ -45,6 +47,8 @@ EVAL_KEYS = ("acc@0.5", "acc@0.7", "acc@0.9", "miou", "iou_step", "delta", "impr
 # ----------------------------------------------------------------------------------------------------- train
 def train(cfg: BCConfig) -> dict[str, Any]:
     """Run (or resume) behaviour cloning; returns the summary also written to ``{run}/summary.json``."""
+    check_bc(cfg)  # every name and folder, before the model loads or a run folder exists
+    cfg = _folder_data_options(cfg)
     cfg.validate()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -119,9 +123,12 @@ def train(cfg: BCConfig) -> dict[str, Any]:
 def _setup_run(cfg: BCConfig):
     """Run folder, policy, data, optimizer, schedule, state (restored by --resume) and logger."""
     run_dir = prepare_run_dir(cfg, cfg.synth.env)
+    resume_step = None
     if cfg.resume:  # before the logger opens scalars.jsonl for appending (the file is rewritten here)
-        truncate_scalars(run_dir, int(read_state(latest_checkpoint(run_dir))["step"]))
-    log = RunLogger(run_dir)
+        resume_step = int(read_state(latest_checkpoint(run_dir))["step"])
+        truncate_scalars(run_dir, resume_step)
+    # TensorBoard drops what the killed run logged after its checkpoint (events at resume_step + 1 and later)
+    log = RunLogger(run_dir, purge_step=None if resume_step is None else resume_step + 1)
     policy = build_policy(cfg, run_dir)
     policy.train()
     params = list(policy.trainable_parameters())
@@ -135,11 +142,26 @@ def _setup_run(cfg: BCConfig):
     if cfg.resume:
         ckpt = latest_checkpoint(run_dir)
         state = load_checkpoint(ckpt, policy=policy, optimizer=optimizer, scheduler=scheduler)
+        apply_schedule(optimizer, scheduler)  # the schedule of THIS run's length (a longer run extends it)
         print(f"[bc] resumed {ckpt} at step {state['step']}", file=sys.stderr)
     else:
         log.hparams(to_dict(cfg), {"eval/acc@0.5": 0.0, "eval/miou": 0.0})
         log.text("config", "```\n" + (run_dir / "config.yaml").read_text() + "\n```", 0)
     return run_dir, policy, params, data, optimizer, scheduler, state, log
+
+
+def _folder_data_options(cfg: BCConfig) -> BCConfig:
+    """--data DIR trains on the folder alone: the online-only phases that the default (CPU) config turns on are
+    switched off here, with a note, so `agents.bc train --data DIR` works as documented."""
+    if cfg.data == "online":
+        return cfg
+    online_only = {k: getattr(cfg, k) for k in ("grounding_mix", "grounding_only_steps", "localize_steps")
+                   if getattr(cfg, k)}
+    if not online_only:
+        return cfg
+    print(f"[bc] --data {cfg.data}: training on the folder's trajectories only; the online-only options "
+          f"{online_only} do not apply (set to 0)", file=sys.stderr)
+    return dataclasses.replace(cfg, **{k: 0 for k in online_only})
 
 
 class Validator:
@@ -242,7 +264,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                               description=__doc__.split("\n\n")[0])
     if isinstance(cfg, int):
         return cfg
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except (FileNotFoundError, FileExistsError, NotADirectoryError, DatasetError, CheckpointError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)  # a user's mistake: one line, no traceback
+        return 2
+    except ValueError as e:
+        if not str(e).startswith("bc config:"):
+            raise  # not a user error: keep the traceback
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
     return 0
-

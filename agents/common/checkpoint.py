@@ -146,7 +146,7 @@ def load_checkpoint(
         f = directory / "trainable.pt"
         if not f.is_file():
             raise CheckpointError(f"{directory}: no trainable.pt to restore the policy from")
-        saved = torch.load(f, map_location="cpu", weights_only=True)
+        saved = _load_file(f)
         params = _trainable(policy)
         if len(saved) != len(params):
             raise CheckpointError(f"{f}: holds {len(saved)} trainable tensors, the policy has {len(params)}")
@@ -162,15 +162,26 @@ def load_checkpoint(
         f = directory / name
         if not f.is_file():
             raise CheckpointError(f"{directory}: no {name} to restore from")
+        loaded = _load_file(f)
         try:
-            obj.load_state_dict(torch.load(f, map_location="cpu", weights_only=True))
+            obj.load_state_dict(loaded)
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"{f}: does not match the {name[:-3]}: {e}") from e
     if restore_rng and (directory / "rng.pt").is_file():
-        states = torch.load(directory / "rng.pt", map_location="cpu", weights_only=True)
+        states = _load_file(directory / "rng.pt")
         set_rng_state(states[rank % len(states)])
-    with open(directory / STATE_FILE) as f:
-        return json.load(f)
+    return read_state(directory)
+
+
+def _load_file(f: Path) -> Any:
+    """``torch.load(weights_only=True)`` of one checkpoint file; a corrupt, truncated or hostile file is a
+    :class:`CheckpointError` that names it (the raw unpickling error names neither the file nor the fix)."""
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every way a file can be unreadable gets the same clear message
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"{f}: unreadable checkpoint file ({type(e).__name__}: {first[:200]}); "
+                              "resume from another checkpoint or delete this one") from e
 
 
 def read_state(directory: str | os.PathLike) -> dict[str, Any]:
@@ -178,8 +189,11 @@ def read_state(directory: str | os.PathLike) -> dict[str, Any]:
     p = Path(directory) / STATE_FILE
     if not p.is_file():
         raise CheckpointError(f"{directory}: not a complete checkpoint (no {STATE_FILE})")
-    with open(p) as f:
-        return json.load(f)
+    try:
+        with open(p) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{p}: unreadable checkpoint state ({type(e).__name__}: {e})") from e
 
 
 # ----------------------------------------------------------------------------------------------- run folders
@@ -209,6 +223,51 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
         return run_dir
     ckpts = list_checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+    """Give the optimizer the learning rate of ``scheduler`` (rebuilt for THIS run's length) at its restored step.
+
+    A LambdaLR checkpoint stores the step, not the schedule function, but the optimizer's saved ``lr`` is the old
+    schedule's value: extending a finished cosine run would train its first new step at lr 0. Called right after
+    :func:`load_checkpoint`; for an unchanged run it computes the same value the schedule had set (bit-identical).
+    """
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if not lambdas:
+        return
+    lrs = [base * lam(scheduler.last_epoch) for base, lam in zip(scheduler.base_lrs, lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = list(lrs)
+
+
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-[^/]+$")  # ivt_env.atomic.atomic_dir's staging folder
+_OLD_RE = re.compile(r"^\.(?P<name>.+)\.old-\d+$")  # the previous folder it moves aside before the swap
+
+
+def clean_interrupted_saves(run_dir: str | os.PathLike) -> list[str]:
+    """Remove what a save killed midway left in a run folder (``.iter_*.tmp-*``, ``.best.tmp-*``); a previous folder
+    moved aside (``.best.old-PID``) whose replacement never landed is moved back. Returns what was done, one line
+    each. Only for a run folder no live process writes to (a resume, on rank 0)."""
+    done = []
+    run_dir = Path(run_dir)
+    for folder in (run_dir, run_dir / CKPT_DIRNAME):
+        if not folder.is_dir():
+            continue
+        for p in sorted(folder.iterdir()):
+            tmp, old = _TMP_RE.match(p.name), _OLD_RE.match(p.name)
+            if tmp and p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+                done.append(f"removed {p} (a save interrupted before it completed)")
+            elif old and p.is_dir():
+                target = folder / old.group("name")
+                if not target.exists():
+                    os.replace(p, target)
+                    done.append(f"restored {target} from {p.name} (its replacement never landed)")
+                else:
+                    shutil.rmtree(p, ignore_errors=True)
+                    done.append(f"removed {p} (superseded by {target.name})")
+    return done
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:

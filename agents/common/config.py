@@ -2,7 +2,14 @@
 
 Pattern (CleanRL ``Args`` + tyro): ``--config FILE`` is read first into the dataclass, which then becomes the
 default that tyro's parser overrides field by field (``--lr 1e-5``, nested ``--lora.rank 8``). ``--help`` lists
-every field with its docstring. Unknown YAML keys are an error that names the file and the key.
+every field with its docstring and the value this command line would use. Unknown YAML keys are an error that
+names the file and the key.
+
+Layering (lowest first): the dataclass defaults (the paper's settings) < the command's default config (``train``
+commands: ``configs/grpo_cpu.yaml``, ``configs/bc_cpu.yaml``) < ``--config FILE`` < flags. So a small FILE changes
+only the fields it names and keeps the CPU defaults that ``--help`` shows. A FILE may name its own base with a
+top-level ``base:`` key: ``base: defaults`` starts from the dataclass defaults (the shipped ``*_paper.yaml`` do),
+``base: OTHER.yaml`` from another config file (itself layered the same way).
 """
 
 from __future__ import annotations
@@ -57,11 +64,47 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def load_yaml(cls: Type[T], path: str | os.PathLike) -> T:
+BASE_KEY = "base"
+#: ``base:`` values that mean the dataclass defaults.
+DEFAULTS_BASE = ("defaults", "none")
+
+
+def apply_dict(obj: T, data: dict[str, Any], *, where: str = "config") -> T:
+    """A copy of dataclass ``obj`` with the (nested) fields in ``data`` replaced; unknown keys raise (naming
+    ``where``)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name for f in dataclasses.fields(obj)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown} for {type(obj).__name__}; known: {sorted(fields)}")
+    changes = {}
+    for name, value in data.items():
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            changes[name] = apply_dict(current, value, where=f"{where}.{name}")
+        else:
+            changes[name] = value
+    return dataclasses.replace(obj, **changes)
+
+
+def load_yaml(cls: Type[T], path: str | os.PathLike, base_config: Optional[str] = None, _depth: int = 0) -> T:
+    """Config ``path`` layered on its base (see the module docstring): the file's ``base:`` key, else
+    ``base_config`` (a command's default config), else the dataclass defaults."""
     p = resolve_config_path(path)
     with open(p) as f:
         data = yaml.safe_load(f) or {}
-    return from_dict(cls, data, where=str(p))
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: expected a mapping of fields, got {type(data).__name__}")
+    base = data.pop(BASE_KEY, None) or base_config
+    start = cls()
+    if base is not None and str(base).lower() not in DEFAULTS_BASE:
+        if _depth >= 8:
+            raise ValueError(f"{p}: 'base:' chain deeper than 8 files (a loop?)")
+        base_path = resolve_config_path(base)
+        if base_path.resolve() != p.resolve():  # the default config itself has no base but the defaults
+            start = load_yaml(cls, base_path, None, _depth + 1)
+    return apply_dict(start, data, where=str(p))
 
 
 def save_yaml(cfg: Any, path: str | os.PathLike) -> None:
@@ -69,9 +112,11 @@ def save_yaml(cfg: Any, path: str | os.PathLike) -> None:
 
 
 def parse_cli(
-    cls: Type[T], argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = None, description: str = ""
+    cls: Type[T], argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = None, description: str = "",
+    base_config: Optional[str] = None,
 ) -> T:
-    """``--config FILE`` (optional) then field overrides; returns the filled dataclass."""
+    """``--config FILE`` (optional, layered on ``base_config``: see the module docstring) then field overrides;
+    returns the filled dataclass."""
     import tyro
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -94,8 +139,18 @@ def parse_cli(
         rest.append(a)
         i += 1
     if config_path is not None:
-        default = load_yaml(cls, config_path)
-    desc = description + "\n\n--config FILE: a YAML file of these fields (see configs/); flags below override it."
+        try:
+            default = load_yaml(cls, config_path, base_config)
+        except (FileNotFoundError, ValueError, yaml.YAMLError) as e:  # a user's file: one line, no traceback
+            print(f"{prog or 'error'}: error: --config {config_path}: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+    if base_config:
+        layering = (f"--config FILE: a YAML file of these fields (see configs/), layered on the default config "
+                    f"{base_config} (a FILE with `base: defaults` starts from the paper's dataclass defaults); flags "
+                    "below override it. The defaults shown are the values this command line uses.")
+    else:
+        layering = "--config FILE: a YAML file of these fields (see configs/); flags below override it."
+    desc = description + "\n\n" + layering
     return tyro.cli(cls, args=rest, default=default, prog=prog, description=desc, config=(tyro.conf.FlagConversionOff,))
 
 
@@ -137,4 +192,5 @@ def parse_train_command(argv: Optional[Sequence[str]], cls: Type[T], *, default_
     if argv[0] != "train":
         print(f"unknown command {argv[0]!r}\n\n{usage}", file=sys.stderr)
         return 2
-    return parse_cli(cls, train_argv(argv[1:], cls, default_config), prog=prog, description=description)
+    return parse_cli(cls, train_argv(argv[1:], cls, default_config), prog=prog, description=description,
+                     base_config=default_config)

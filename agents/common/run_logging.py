@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -47,11 +48,23 @@ def prepare_run_dir(cfg: Any, env_id: str, dist: Any = None) -> Path:
     is_main = dist is None or dist.is_main
     if cfg.out:
         run_dir = Path(cfg.out)
-        if not cfg.resume and latest_checkpoint(run_dir) is not None:
-            raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
-                                  "or choose another --out")
+        used = previous_run_files(run_dir)
+        overwrite = bool(getattr(cfg, "overwrite", False))
+        if not cfg.resume and used and not overwrite:
+            what = "checkpoints" if latest_checkpoint(run_dir) is not None else "the logs of an earlier run"
+            raise FileExistsError(f"{run_dir} already holds {what} ({', '.join(p.name for p in used)}): pass --resume "
+                                  "to continue that run, --overwrite to delete it and start clean, or choose another "
+                                  "--out")
         if cfg.resume and latest_checkpoint(run_dir) is None:
-            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}/checkpoints to continue from")
+            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}/checkpoints to continue from (pass "
+                                    "--overwrite instead of --resume to start that folder clean)")
+        if is_main and overwrite and used:
+            remove_run_files(run_dir)
+        if is_main and cfg.resume:
+            from agents.common.checkpoint import clean_interrupted_saves
+
+            for line in clean_interrupted_saves(run_dir):
+                print(f"[run] {line}", file=sys.stderr)
     else:
         run_dir = make_run_dir(cfg.runs_root, env_id, cfg.exp_name, cfg.seed) if is_main else None
     if dist is not None:
@@ -64,6 +77,32 @@ def prepare_run_dir(cfg: Any, env_id: str, dist: Any = None) -> Path:
     if dist is not None:
         distributed.barrier()
     return run_dir
+
+
+#: What a training run writes into its folder (a folder holding any of these is a used run folder).
+RUN_FILE_PATTERNS = ("scalars.jsonl", "events.out.tfevents.*", "config.yaml", "config.resume.yaml", "summary.json",
+                     "checkpoints", "best", "final", "base", ".best.*", ".final.*", ".base.*")
+
+
+def previous_run_files(run_dir: str | os.PathLike) -> list[Path]:
+    """The files and folders of an earlier training run in ``run_dir`` (:data:`RUN_FILE_PATTERNS`), sorted."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    return sorted({p for pattern in RUN_FILE_PATTERNS for p in run_dir.glob(pattern)})
+
+
+def remove_run_files(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete an earlier run's files (``--overwrite``); anything else in the folder is left alone."""
+    import shutil
+
+    gone = previous_run_files(run_dir)
+    for p in gone:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    return gone
 
 
 def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -103,7 +142,11 @@ def _hparam_value(v: Any) -> Any:
 class RunLogger:
     """TensorBoard ``SummaryWriter`` plus a ``scalars.jsonl`` mirror; every method is a no-op when disabled."""
 
-    def __init__(self, log_dir: str | os.PathLike, enabled: bool = True, flush_secs: int = 10):
+    def __init__(self, log_dir: str | os.PathLike, enabled: bool = True, flush_secs: int = 10,
+                 purge_step: Optional[int] = None):
+        """``purge_step`` (a resumed run: checkpoint step + 1): TensorBoard discards the events earlier files hold
+        at this step and later (what a killed run logged after its last checkpoint), so a resumed run's curves
+        show each step once. ``scalars.jsonl`` is trimmed by the trainers themselves."""
         self.log_dir = Path(log_dir)
         self.enabled = enabled
         self._writer = None
@@ -112,7 +155,7 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(str(self.log_dir), flush_secs=flush_secs)
+            self._writer = SummaryWriter(str(self.log_dir), flush_secs=flush_secs, purge_step=purge_step)
             self._jsonl = open(self.log_dir / "scalars.jsonl", "a")
 
     # -------------------------------------------------------------------------------------------- writing

@@ -31,9 +31,10 @@ from agents.common.config import atomic_write_text, expand_bool_flags, parse_cli
 from agents.evaluate.metrics import compute_metrics
 from agents.policies import make_policy
 from agents.policies.base import Policy, SamplingParams
-from agents.evaluate.report import format_report
 from agents.common.run_logging import log_metrics, log_strips, log_text
+from agents.evaluate.report import format_report
 from agents.evaluate.viz import save_strip, trajectory_strip
+from ivt_env.datasets.base import DatasetError
 from ivt_env.make import make_env
 from rollouts.collector import Collector, EnvSource
 from rollouts.storage import safe_name, save_trajectories
@@ -46,9 +47,9 @@ def _build_collector(env: Union[EnvSource, Collector], split: str, steps: int, d
     if isinstance(env, str):  # the split is loaded once and shared by every env of the collector
         thunk = make_env(env, split=split, max_refine_steps=steps, data_root=data_root, shared_dataset=True,
                          **dict(env_kwargs or {}))
-        return Collector([thunk() for _ in range(max(1, num_envs or n_hint))]), True
+        return Collector([thunk() for _ in range(max(1, num_envs or n_hint))], own_envs=True), True
     if callable(env) and not isinstance(env, (gym.Env, gym.vector.VectorEnv)):
-        return Collector([env() for _ in range(max(1, num_envs or n_hint))]), True
+        return Collector([env() for _ in range(max(1, num_envs or n_hint))], own_envs=True), True
     return Collector(env, num_envs=num_envs), False
 
 
@@ -104,6 +105,9 @@ def evaluate(
         trajs = collector.collect(policy, range(n), group_size, sampling, seed=seed,
                                   keep_observations=save_images, progress=progress)
         elapsed = time.perf_counter() - t0
+        skipped = list(collector.last_skipped)  # bad records met at reset: logged by the collector, listed in meta
+        if not trajs:
+            raise DatasetError(f"evaluate: every sample failed at reset, e.g. {skipped[0]}")
         metrics = compute_metrics(trajs)
         strips = []
         for traj in trajs[: max(0, num_strips)]:
@@ -121,7 +125,8 @@ def evaluate(
         split = getattr(getattr(getattr(first, "unwrapped", None), "dataset", None), "split", None)
     meta = {"policy": name, "env": env if isinstance(env, str) else env_name, "split": split,
             "steps": metrics["steps"], "limit": limit, "group_size": group_size, "seed": seed,
-            "sampling": dataclasses.asdict(sampling), "seconds": elapsed, "trajectories_per_s": len(trajs) / elapsed}
+            "sampling": dataclasses.asdict(sampling), "seconds": elapsed, "trajectories_per_s": len(trajs) / elapsed,
+            "skipped_samples": skipped}
     report = format_report(metrics, name=name)
     own_logger = None
     if out_dir is not None:
@@ -138,7 +143,7 @@ def evaluate(
 
             writer = own_logger = RunLogger(out)
     try:
-        log_metrics(writer, metrics, global_step, prefix)
+        log_metrics(writer, {**metrics, "skipped_samples": len(skipped)}, global_step, prefix)
         log_strips(writer, strips, global_step, prefix)
         log_text(writer, f"{prefix.rstrip('/')}/report", report, global_step)
     finally:
@@ -169,11 +174,12 @@ class EvalConfig:
     """JSON object of keyword arguments for the policy, e.g. '{"noise": 30}' (oracle) or
     '{"path": "texts.jsonl"}' (replay)."""
     model: Optional[str] = None
-    """Model folder for the vlm policy (passed as its 'model' argument)."""
+    """Model folder for the vlm policy: a model folder, a run's best/ or final/, a checkpoints/iter_N/ folder or a
+    run folder (its best/)."""
     steps: int = 2
     """T, refinement steps after step 0 (the paper uses 2; 0 evaluates single-shot answers)."""
     split: str = "test"
-    """Dataset split: train, val or test."""
+    """Dataset split: train, val or test (refadv also all: its whole upstream split)."""
     limit: Optional[int] = None
     """Evaluate the first N samples of the split (None: all of them)."""
     out: Optional[str] = None
@@ -204,7 +210,7 @@ class EvalConfig:
     progress: bool = True
     """Show a progress bar."""
     name: Optional[str] = None
-    """Row label in the tables (None: the policy name)."""
+    """Row label in the tables (None: the model's name with --model, e.g. my_run/best, else the policy name)."""
 
 
 def _json_arg(text: str, flag: str) -> dict:
@@ -222,16 +228,25 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     cfg = parse_cli(EvalConfig, expand_bool_flags(argv, EvalConfig), prog="python -m agents.evaluate",
                     description=DESCRIPTION)
     policy_name = cfg.policy or ("vlm" if cfg.model else "oracle")
+    from agents.preflight import check_env_id, check_folder, check_policy
+
+    check_env_id(cfg.env, "python -m agents.evaluate", "--env")  # names before the model loads
+    check_policy(policy_name, "python -m agents.evaluate", "--policy")
+    check_folder(cfg.data_root, "--data-root", "data folder")
     kwargs = _json_arg(cfg.policy_kwargs, "--policy-kwargs")
+    label = policy_name
     if cfg.model is not None:
-        kwargs.setdefault("model", cfg.model)
+        from agents.policies.model_dir import model_label, resolve_model_dir
+
+        kwargs.setdefault("model", resolve_model_dir(cfg.model, "--model"))  # before any work: a clear error
+        label = model_label(cfg.model)
     policy = make_policy(policy_name, **kwargs)
     sampling = SamplingParams.from_config(cfg, greedy=cfg.greedy)
     result = evaluate(policy, cfg.env, split=cfg.split, limit=cfg.limit, steps=cfg.steps, sampling=sampling,
                       out_dir=cfg.out, group_size=cfg.group_size, seed=cfg.seed, data_root=cfg.data_root,
                       env_kwargs=_json_arg(cfg.env_kwargs, "--env-kwargs"), num_envs=cfg.num_envs,
                       num_strips=cfg.strips, save_images=cfg.save_images, progress=cfg.progress,
-                      name=cfg.name or policy_name)
+                      name=cfg.name or label)
     print(result["report"])
     if cfg.out:
         print(f"wrote {Path(cfg.out) / 'metrics.json'}, metrics.md, trajectories.jsonl, strips/ and TensorBoard events")

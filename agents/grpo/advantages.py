@@ -1,11 +1,20 @@
 """Group-relative advantage estimators, pluggable by name or import path.
 
 Every estimator maps trajectory returns ``rewards`` of shape (G, N) (G groups = prompts, N trajectories per prompt)
-to advantages of the same shape. Extra per-group data (``scales``: the GT box area as a fraction of the image area,
-shape (G,)) is passed by keyword; estimators that do not need it ignore it.
+to advantages of the same shape. Extra data is passed by keyword; estimators that do not need it ignore it:
+``scales`` (G, N) is the area of the region each ROLLOUT grounds (its final box) as a fraction of the image area,
+NaN for a rollout without a valid box (``srpo`` bins rollouts by it).
 
 A group whose rewards are all equal carries no learning signal: its advantages are exactly 0 (never NaN), and
 :func:`zero_std_fraction` reports the share of such groups (``rollout/frac_zero_std_groups``).
+
+Non-finite rewards (NaN, +-inf) follow TRL's rule (``GRPOTrainer._generate_and_score_completions``: ``nanmean`` /
+``nanstd`` over the group, then ``nan_to_num(advantages, nan=0)``): such a trajectory gets advantage 0 and the rest
+of its group is normalised WITHOUT it (the estimator runs on the group's finite rewards only);
+:func:`nonfinite_fraction` counts them (``rollout/frac_nonfinite_reward``).
+
+eps: 1e-4 by default, TRL's constant (``advantages / (std_rewards + 1e-4)``). With 1e-6 a near-tie group (rewards
+that differ by ~1e-5, i.e. noise) was scaled up to nearly +-1 like a real difference; with 1e-4 it stays ~0.1.
 
 Add an estimator with ``@register_advantage("name")``, or name any callable by import path
 (``my_pkg.my_mod:my_fn`` or ``my_pkg.my_mod.my_fn``) with the signature
@@ -31,17 +40,39 @@ def available_advantages() -> list[str]:
 
 
 def compute_advantages(name_or_path: str, rewards: torch.Tensor, **kwargs) -> torch.Tensor:
-    """Validate ``rewards`` (G, N), run the estimator, and zero every all-equal group."""
+    """Validate ``rewards`` (G, N), run the estimator, and zero every all-equal group.
+
+    Non-finite rewards get advantage 0 and their group is normalised without them (TRL's rule, module docstring):
+    the estimator sees the all-finite groups as one (G', N) batch and each other group alone, as (1, n_finite).
+    """
     rewards = _check(rewards)
-    adv = get_advantage(name_or_path)(rewards, **kwargs)
-    if adv.shape != rewards.shape:
-        raise ValueError(f"advantage estimator {name_or_path!r} returned shape {tuple(adv.shape)}, "
-                         f"expected {tuple(rewards.shape)}")
-    return _zero_equal(rewards, adv)
+    fn = get_advantage(name_or_path)
+    finite = torch.isfinite(rewards)  # (G, N)
+    if bool(finite.all()):
+        return _zero_equal(rewards, _run(name_or_path, fn, rewards, kwargs))
+    adv = torch.zeros_like(rewards)
+    whole = finite.all(dim=1)  # (G,) groups without a non-finite reward
+    if bool(whole.any()):
+        sub = rewards[whole]
+        adv[whole] = _zero_equal(sub, _run(name_or_path, fn, sub, _slice_kwargs(kwargs, whole, None, rewards)))
+    for g in torch.nonzero(~whole).flatten().tolist():
+        cols = finite[g]  # (N,)
+        if int(cols.sum()) < 2:  # fewer than 2 finite rewards: nothing to compare
+            continue
+        sub = rewards[g, cols][None]  # (1, n_finite)
+        a = _run(name_or_path, fn, sub, _slice_kwargs(kwargs, g, cols, rewards))
+        adv[g, cols] = _zero_equal(sub, a)[0]
+    return adv
+
+
+def nonfinite_fraction(rewards: torch.Tensor) -> float:
+    """Share of trajectories whose reward is NaN or +-inf (``rollout/frac_nonfinite_reward``)."""
+    rewards = _check(rewards)
+    return float((~torch.isfinite(rewards)).float().mean()) if rewards.numel() else 0.0
 
 
 def zero_std_fraction(rewards: torch.Tensor) -> float:
-    """Share of groups whose N rewards are all equal (no learning signal)."""
+    """Share of groups whose N rewards are all equal (no learning signal); non-finite rewards are left out."""
     rewards = _check(rewards)
     return float(_equal_groups(rewards).float().mean()) if rewards.shape[0] else 0.0
 
@@ -57,14 +88,38 @@ def _check(rewards: torch.Tensor) -> torch.Tensor:
     rewards = torch.as_tensor(rewards)
     if rewards.ndim != 2:
         raise ValueError(f"rewards must have shape (G groups, N trajectories), got {tuple(rewards.shape)}")
-    if not torch.isfinite(rewards).all():
-        raise ValueError(f"rewards contain NaN/inf: {rewards.tolist()}")
     return rewards.to(torch.float64) if not rewards.is_floating_point() else rewards
 
 
+def _run(name: str, fn: AdvantageFn, rewards: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    adv = fn(rewards, **kwargs)
+    if adv.shape != rewards.shape:
+        raise ValueError(f"advantage estimator {name!r} returned shape {tuple(adv.shape)}, "
+                         f"expected {tuple(rewards.shape)}")
+    return adv
+
+
+def _slice_kwargs(kwargs: dict, rows, cols, rewards: torch.Tensor) -> dict:
+    """Per-group tensors in ``kwargs`` (leading dim G, e.g. ``scales`` (G, N)) cut to the rewards the estimator
+    sees: ``rows`` (a (G,) mask or one group index) and, for (G, N) tensors, ``cols`` (an (N,) mask)."""
+    out = {}
+    G, N = rewards.shape
+    for k, v in kwargs.items():
+        if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == G:
+            v = v[rows] if not isinstance(rows, int) else v[rows:rows + 1]
+            if cols is not None and v.ndim >= 2 and v.shape[1] == N:
+                v = v[:, cols]
+        out[k] = v
+    return out
+
+
 def _equal_groups(rewards: torch.Tensor) -> torch.Tensor:
-    """(G,) bool: all N rewards of the group are equal (exact comparison; a constant group has no signal)."""
-    return rewards.amax(dim=1) == rewards.amin(dim=1)
+    """(G,) bool: all finite rewards of the group are equal (exact comparison; a constant group has no signal;
+    fewer than 2 finite rewards count as equal)."""
+    finite = torch.isfinite(rewards)
+    hi = torch.where(finite, rewards, torch.full_like(rewards, -torch.inf)).amax(dim=1)
+    lo = torch.where(finite, rewards, torch.full_like(rewards, torch.inf)).amin(dim=1)
+    return (hi == lo) | (finite.sum(dim=1) < 2)
 
 
 def _zero_equal(rewards: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
@@ -81,7 +136,7 @@ def _std(x: torch.Tensor, dim, population: bool) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------- estimators
 @register_advantage("grpo")
-def grpo_advantages(rewards: torch.Tensor, *, eps: float = 1e-6, population_std: bool = False,
+def grpo_advantages(rewards: torch.Tensor, *, eps: float = 1e-4, population_std: bool = False,
                     **_: object) -> torch.Tensor:
     """IVT Eq. 1: ``A_gi = (R_gi - mean_g) / (std_g + eps)``.
 
@@ -94,61 +149,79 @@ def grpo_advantages(rewards: torch.Tensor, *, eps: float = 1e-6, population_std:
 
 
 @register_advantage("dr_grpo")
+@register_advantage("centered")
 def dr_grpo_advantages(rewards: torch.Tensor, **_: object) -> torch.Tensor:
-    """Dr. GRPO (Liu et al. 2025): ``A_gi = R_gi - mean_g``, no division by the group std (which up-weights
-    near-tie groups, i.e. too easy or too hard prompts)."""
+    """``A_gi = R_gi - mean_g``, no division by the group std (which up-weights near-tie groups, i.e. too easy or
+    too hard prompts).
+
+    Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", Sec. 3.1) is this advantage TOGETHER with a
+    constant loss normaliser instead of the per-sequence length ``1/|o_i|`` (TRL's ``loss_type="dr_grpo"``: sum over
+    tokens / (B * max_completion_length)), i.e. ``aggregation="seq_sum_norm"`` here: the GRPO config refuses
+    ``advantage: dr_grpo`` with another aggregation. ``centered`` is the same advantage without that constraint (for
+    ablations, e.g. TRL's ``scale_rewards="none"`` with ``loss_type="dapo"``).
+    """
     return _zero_equal(rewards, rewards - rewards.mean(dim=1, keepdim=True))
 
 
-DEFAULT_SCALE_EDGES = (0.05, 0.2)
+DEFAULT_SRPO_BINS = 3  # Ground-R1: K = 3
 
 
 @register_advantage("srpo")
-def srpo_advantages(rewards: torch.Tensor, *, scales: Optional[torch.Tensor] = None, eps: float = 1e-6,
-                    scale_edges: Sequence[float] = DEFAULT_SCALE_EDGES, balance: float = 1.0,
-                    **_: object) -> torch.Tensor:
-    """Scale Relative Policy Optimization (after Ground-R1's SRPO; that abstract gives only the idea, this is our
-    concrete version).
+def srpo_advantages(rewards: torch.Tensor, *, scales: Optional[torch.Tensor] = None, eps: float = 1e-4,
+                    num_bins: int = DEFAULT_SRPO_BINS, population_std: bool = False, **_: object) -> torch.Tensor:
+    """Scale Relative Policy Optimization, Ground-R1 (Cao et al., arXiv:2505.20272v3, 2026, Sec. "SRPO").
 
-    Inputs: rewards ``R`` (G, N); ``scales`` s_g (G,): GT box area / image area of group g's sample.
+    Inputs: rewards ``R`` (G, N); ``scales`` a (G, N): the area of the region rollout (g, i) grounds (its own final
+    box) / image area, NaN when it has no valid box. Per group g (our reading: Ground-R1 replaces GRPO's normalisation
+    over the rollouts of one question, so bins and their statistics are those of the group's rollouts):
 
-    1. Scale-aware binning: group g goes to bin ``b(g) = #{e in scale_edges : s_g >= e}`` (default edges 0.05 and
-       0.2: small < 5% of the image, medium [5%, 20%), large >= 20%).
-    2. Intra-group comparison (as in GRPO): ``d_gi = R_gi - mean_i R_gi``.
-    3. Intra-bin normalisation: ``sigma_b`` = population std of all ``d_gi`` pooled over the groups of bin b
-       (``sqrt(mean over g in b, i of d_gi^2)``, as each group's d has mean 0). Each bin is scaled to unit spread
-       by its OWN reward spread, so the small IoU differences typical of small boxes weigh as much as the large
-       ones of big boxes, and a near-tie group is not blown up by its own tiny std (unlike GRPO).
-    4. Inter-bin balance: ``w_b = (K / (n_b * B))^balance`` where n_b = groups in bin b, K = groups in the batch,
-       B = non-empty bins: with ``balance=1`` every non-empty bin carries the same total weight however many groups
-       it holds; ``balance=0`` turns the re-weighting off.
+    1. Evidence region discretisation: ``s(i) = min(floor(K a_i) + 1, K)`` in 1..K (K equal-width area bins;
+       Ground-R1 uses K = 3). A rollout without a valid box goes to bin 0 of its own (our choice: it grounds no
+       region, so no size bin applies).
+    2. Intra-bin: ``mu_k``, ``sigma_k`` = mean and std of the rewards of the group's rollouts in bin k; the
+       intra-bin advantage ``(R_gi - mu_s(i)) / (sigma_s(i) + eps)`` (0 in a bin of one rollout or equal rewards).
+    3. Inter-bin reward: ``r_inter_i = 1`` if ``s(i)`` is the bin with the highest mean reward ``argmax_k mu_k``,
+       else 0 (our choice for ties: every bin attaining the maximum gets 1, so all-tied bins give no signal),
+       normalised over the group: ``(r_inter_i - mean) / (std + eps)``.
+    4. ``A_gi = intra + inter`` (Ground-R1's scale-aware advantage).
 
-    ``A_gi = w_b(g) * d_gi / (sigma_b(g) + eps)``; a bin whose d are all 0 gives 0.
+    std is the sample std like ``grpo`` (``population_std=True``: divisor n), eps as ``grpo``. Source: the formulas of
+    Ground-R1 v3 ("Thinking with Images via Scale Relative Policy Optimization", 2026-02) as restated in a
+    third-party digest of the paper; the seed gives only the abstract and the released code (github.com/zzzhhzzz/
+    Ground-R1) is the earlier version without SRPO. The per-group scope, the tie rule, the invalid-box bin and the
+    std convention are our reading.
     """
     if scales is None:
-        raise ValueError("srpo advantages need `scales`: the GT box area fraction of each group, shape (G,)")
-    scales = torch.as_tensor(scales, dtype=rewards.dtype, device=rewards.device).reshape(-1)
-    if scales.shape[0] != rewards.shape[0]:
-        raise ValueError(f"srpo: {scales.shape[0]} scales for {rewards.shape[0]} groups")
-    edges = torch.as_tensor(sorted(scale_edges), dtype=rewards.dtype, device=rewards.device)
-    bins = (scales[:, None] >= edges[None, :]).sum(dim=1)  # (G,)
-    d = _zero_equal(rewards, rewards - rewards.mean(dim=1, keepdim=True))  # (G, N)
+        raise ValueError("srpo advantages need `scales`: the grounded box area fraction of each rollout, shape (G, N)")
+    scales = torch.as_tensor(scales, dtype=rewards.dtype, device=rewards.device)
+    if scales.shape != rewards.shape:
+        raise ValueError(f"srpo: scales of shape {tuple(scales.shape)} for rewards {tuple(rewards.shape)}; "
+                         "give one area fraction per rollout (G, N)")
+    bins = srpo_bins(scales, num_bins)  # (G, N)
     adv = torch.zeros_like(rewards)
-    present = torch.unique(bins)
-    n_groups, n_bins = rewards.shape[0], len(present)
-    for b in present:
-        sel = bins == b
-        db = d[sel]  # (n_b, N)
-        sigma = db.pow(2).mean().sqrt()
-        if sigma == 0:
-            continue
-        w = (n_groups / (int(sel.sum()) * n_bins)) ** balance
-        adv[sel] = w * db / (sigma + eps)
+    for g in range(rewards.shape[0]):
+        r, b = rewards[g], bins[g]  # (N,)
+        intra = torch.zeros_like(r)
+        present = torch.unique(b).tolist()
+        mu = {}
+        for k in present:
+            sel = b == k
+            mu[k] = r[sel].mean()
+            if int(sel.sum()) >= 2 and bool(r[sel].amax() > r[sel].amin()):
+                intra[sel] = (r[sel] - mu[k]) / (_std(r[sel], 0, population_std) + eps)
+        best = max(mu.values())
+        inter_r = torch.stack([(mu[k] == best).to(r.dtype) for k in b.tolist()])  # (N,) 1 in the best bin(s)
+        inter = torch.zeros_like(r)
+        if bool(inter_r.amax() > inter_r.amin()):
+            inter = (inter_r - inter_r.mean()) / (_std(inter_r, 0, population_std) + eps)
+        adv[g] = intra + inter
     return adv
 
 
-def scale_bins(scales: torch.Tensor, scale_edges: Sequence[float] = DEFAULT_SCALE_EDGES) -> torch.Tensor:
-    """The SRPO bin index of each group (0 = smallest); exposed for logging."""
-    scales = torch.as_tensor(scales, dtype=torch.float64).reshape(-1)
-    edges = torch.as_tensor(sorted(scale_edges), dtype=torch.float64)
-    return (scales[:, None] >= edges[None, :]).sum(dim=1)
+def srpo_bins(scales: torch.Tensor, num_bins: int = DEFAULT_SRPO_BINS) -> torch.Tensor:
+    """Ground-R1's scale bin of each rollout: ``min(floor(K a) + 1, K)`` in 1..K; 0 for NaN (no valid box)."""
+    if num_bins < 1:
+        raise ValueError(f"srpo: num_bins must be >= 1, got {num_bins}")
+    a = torch.as_tensor(scales, dtype=torch.float64)
+    b = torch.clamp(torch.floor(num_bins * a.clamp(min=0.0)) + 1, max=num_bins)
+    return torch.where(torch.isnan(a), torch.zeros_like(b), b).long()

@@ -8,10 +8,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from agents.common.schedule import SCHEDULES
-from agents.grpo.advantages import ADVANTAGES
 from agents.grpo.losses import AGGREGATIONS, KL_ESTIMATORS
 from agents.policies.vlm_setup import LoraSettings
-from ivt_env.rewards import REWARDS
 
 
 
@@ -30,8 +28,12 @@ class GRPOConfig:
     runs_root: str = "runs"
     """Parent folder of auto-named run folders."""
     resume: bool = False
-    """Continue the run in --out from its newest checkpoint (same iteration count, optimizer, scheduler, RNG).
-    A bare `--resume` means `--resume True`."""
+    """Continue the run in --out from its newest checkpoint (optimizer, scheduler, RNG). A larger --iterations
+    extends the run: the learning-rate schedule is rebuilt for the new length. A bare `--resume` means
+    `--resume True`."""
+    overwrite: bool = False
+    """Start clean in an --out that holds a previous run: delete its logs, checkpoints and best/ first (without
+    it, and without --resume, a used --out is refused)."""
     iterations: int = 200
     """Number of iterations; each = collect prompts_per_iter groups, compute advantages, one optimizer step."""
 
@@ -103,15 +105,14 @@ class GRPOConfig:
 
     # -------------------------------------------------------------------------------------------- loss
     advantage: str = "grpo"
-    """Advantage estimator: grpo (IVT Eq. 1) | dr_grpo | srpo | 'pkg.mod:fn'."""
-    adv_eps: float = 1e-6
-    """eps in (R - mean) / (std + eps)."""
+    """Advantage estimator: grpo (IVT Eq. 1) | dr_grpo (Dr. GRPO: needs aggregation seq_sum_norm) | centered (R - mean,
+    no std) | srpo (Ground-R1) | 'pkg.mod:fn'."""
+    adv_eps: float = 1e-4
+    """eps in (R - mean) / (std + eps). 1e-4 as TRL: a near-tie group (rewards 1e-5 apart) gets ~+-0.09, not ~+-0.9."""
     population_std: bool = False
-    """grpo: divide by the population std (N) instead of the sample std (N - 1)."""
-    srpo_scale_edges: list[float] = field(default_factory=lambda: [0.05, 0.2])
-    """srpo: bin edges on GT box area / image area (default: small < 5%, medium < 20%, large)."""
-    srpo_balance: float = 1.0
-    """srpo: inter-bin balance exponent (1: every scale bin carries equal total weight; 0: off)."""
+    """grpo, srpo: divide by the population std (N) instead of the sample std (N - 1)."""
+    srpo_bins: int = 3
+    """srpo: K equal-width bins on the area fraction of the box each rollout grounds (Ground-R1: 3)."""
     beta: float = 0.04
     """KL coefficient against the reference (SFT) policy (IVT: 0.04; 0 skips the reference pass)."""
     kl_estimator: str = "abs"
@@ -125,7 +126,12 @@ class GRPOConfig:
     records the model's own temperature-1 log-probs) | recompute (one extra teacher-forced pass before the first
     update: for policies whose recorded log-probs include the sampling temperature)."""
     aggregation: str = "token_mean"
-    """Token aggregation of the loss: token_mean | seq_mean | seq_sum_norm (see agents/grpo/losses.py)."""
+    """Token aggregation of the loss: token_mean (TRL dapo) | seq_mean (TRL grpo) | seq_sum_norm (TRL dr_grpo)."""
+    entropy_aggregation: str = "token_mean"
+    """Aggregation of the entropy bonus: token_mean (mean entropy per generated token, as TRL for every loss type:
+    the bonus keeps its strength whatever the loss aggregation) | loss (the same as `aggregation`)."""
+    max_skipped_updates: int = 3
+    """Stop the run when this many updates in a row were skipped for a non-finite advantage, loss or gradient."""
 
     # ------------------------------------------------------------------------ evaluation, logging, saving
     eval_every: int = 10
@@ -159,17 +165,17 @@ class GRPOConfig:
             (self.kl_estimator in KL_ESTIMATORS, f"kl_estimator must be one of {'|'.join(KL_ESTIMATORS.names())}"),
             (self.reference in ("initial", "base"), "reference must be initial|base"),
             (self.aggregation in AGGREGATIONS, f"aggregation must be one of {'|'.join(AGGREGATIONS.names())}"),
+            (self.advantage != "dr_grpo" or self.aggregation == "seq_sum_norm",
+             f"advantage dr_grpo (Dr. GRPO) also replaces the length normalisation: set aggregation seq_sum_norm "
+             f"(got {self.aggregation}), or use advantage centered for the std-free advantage alone"),
+            (self.entropy_aggregation in ("token_mean", "loss"), "entropy_aggregation must be token_mean|loss"),
+            (self.srpo_bins >= 1, "srpo_bins must be >= 1"),
+            (self.max_skipped_updates >= 1, "max_skipped_updates must be >= 1"),
             (self.updates_per_iter == 1 or self.clip_eps is not None,
              "updates_per_iter > 1 reuses stale samples: set clip_eps (e.g. 0.2)"),
             (not self.resume or self.out, "--resume needs --out DIR (the run folder to continue)"),
+            (not (self.resume and self.overwrite), "give --resume (continue) or --overwrite (start clean), not both"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"GRPO config: {msg}")
-        for field_name, registry in (("advantage", ADVANTAGES), ("reward", REWARDS)):  # names before any work
-            spec = getattr(self, field_name)
-            if spec is not None:
-                try:
-                    registry.get(spec)
-                except ValueError as exc:
-                    raise ValueError(f"GRPO config: {field_name}: {exc}") from None

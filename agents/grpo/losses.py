@@ -11,13 +11,22 @@ Per token t of trajectory i (only where ``mask`` is True: injected prompt/image/
   - 1`` (Schulman's unbiased, non-negative estimator of KL(pi || pi_ref), as in DeepSeekMath).
 - entropy ``H_it`` of the full next-token distribution at that position (from ``TokenLogprobs.entropy``).
 
-Token aggregation ``agg`` (the same for the three terms), chosen by ``aggregation``:
+Token aggregation ``agg`` of the policy-gradient and KL terms, chosen by ``aggregation`` (each equals a TRL 1.x
+``GRPOTrainer._compute_loss`` ``loss_type``, same loss and same gradients, also under gradient accumulation):
 
-- ``"token_mean"`` (default): sum over all generated tokens of the batch / number of those tokens. Every token
-  weighs the same, so long trajectories are not down-weighted per token (DAPO's choice).
-- ``"seq_mean"``: mean over each trajectory's tokens, then mean over trajectories (the original GRPO).
-- ``"seq_sum_norm"``: sum over each trajectory's tokens / ``norm_len`` (a constant, e.g. max new tokens x steps),
-  then mean over trajectories (Dr. GRPO: no length bias).
+- ``"token_mean"`` (default) = TRL ``dapo``: sum over all generated tokens of the batch / number of those tokens.
+  Every token weighs the same, so long trajectories are not down-weighted per token (DAPO's choice).
+- ``"seq_mean"`` = TRL ``grpo``: mean over each trajectory's tokens, then mean over trajectories (the original GRPO).
+- ``"seq_sum_norm"`` = TRL ``dr_grpo``: sum over each trajectory's tokens / ``norm_len`` (a constant, e.g. max new
+  tokens x steps), then mean over trajectories (Dr. GRPO: no length bias; pair it with the ``dr_grpo`` advantage).
+
+The entropy bonus is aggregated by ``entropy_aggregation``: ``"token_mean"`` (default: the mean entropy per generated
+token whatever ``aggregation`` is, as TRL's entropy bonus for every loss type; under ``seq_sum_norm`` the loss's
+aggregation would shrink the bonus by mean length / ``norm_len``) or ``"loss"`` (the same as ``aggregation``).
+
+Several ranks: pass ``num_tokens`` / ``num_seqs`` = the count over ALL ranks / world size (TRL's dapo normaliser:
+``num_items_in_batch / num_processes``); the average of the ranks' gradients is then the one-process full-batch
+gradient (``agents.grpo.update`` does this).
 
 Gradient accumulation: pass the WHOLE batch's denominators (``num_tokens`` / ``num_seqs``) to every micro-batch;
 then the micro-batch losses add up to the full-batch loss exactly (tested).
@@ -123,6 +132,7 @@ def grpo_loss(
     num_tokens: Optional[float] = None,
     num_seqs: Optional[float] = None,
     norm_len: Optional[float] = None,
+    entropy_aggregation: str = "token_mean",
 ) -> LossOutput:
     """IVT Eq. 2 on a (micro-)batch of B trajectories.
 
@@ -164,7 +174,10 @@ def grpo_loss(
 
     ent = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     if entropy is not None:
-        ent = agg(entropy)
+        if entropy_aggregation not in ("token_mean", "loss"):
+            raise ValueError(f"unknown entropy_aggregation {entropy_aggregation!r}; choose token_mean or loss")
+        ent = agg(entropy) if entropy_aggregation == "loss" else aggregate(entropy, mask, "token_mean",
+                                                                           num_tokens=num_tokens)
         loss = loss - entropy_coef * ent
     return LossOutput(loss=loss, pg=float(pg.detach()), kl=float(kl.detach()), entropy=float(ent.detach()),
                       clip_frac=clip_frac, num_tokens=int(mask.sum()))

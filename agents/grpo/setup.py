@@ -106,10 +106,14 @@ def group_trajectories(trajs: Sequence[Any], group_size: int) -> list[list[Any]]
     return [groups[g] for g in sorted(groups)]
 
 
-def gt_area_fraction(traj: Any) -> float:
-    """GT box area / image area (the SRPO scale of a group)."""
-    x1, y1, x2, y2 = traj.gt_box
-    return max(0.0, x2 - x1) * max(0.0, y2 - y1) / max(float(traj.width * traj.height), 1.0)
+def grounded_area_fraction(traj: Any) -> float:
+    """Area of the region the trajectory grounds (its final step's box) / image area, in [0, 1]; NaN when the final
+    step has no valid box (the SRPO scale of a rollout, Ground-R1)."""
+    box = traj.steps[-1].box if traj.steps and traj.steps[-1].valid else None
+    if box is None:
+        return float("nan")
+    x1, y1, x2, y2 = box
+    return min(1.0, max(0.0, x2 - x1) * max(0.0, y2 - y1) / max(float(traj.width * traj.height), 1.0))
 
 
 # ------------------------------------------------------------------------------------------ optimizer, schedule

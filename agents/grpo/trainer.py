@@ -14,22 +14,25 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 
 from agents.common import distributed
-from agents.grpo.advantages import compute_advantages, zero_std_fraction
-from agents.common.checkpoint import (checkpoint_dir, latest_checkpoint, load_checkpoint, prune_checkpoints,
-                               save_checkpoint)
+from agents.common.checkpoint import (CheckpointError, apply_schedule, checkpoint_dir, latest_checkpoint,
+                                     load_checkpoint, prune_checkpoints, save_checkpoint)
 from agents.common.config import parse_train_command, to_dict
-from agents.grpo.config import GRPOConfig
 from agents.common.seeding import derive_seed, seed_everything
-from agents.grpo.setup import (build_policy, check_start_checkpoint, env_factory, group_trajectories, grpo_scheduler,
-                               gt_area_fraction, make_optimizer, sample_prompts, split_size, strip_for_gather)
-from agents.grpo.update import policy_update
 from agents.evaluate.metrics import compute_metrics
+from agents.grpo.advantages import compute_advantages, nonfinite_fraction, zero_std_fraction
+from agents.grpo.config import GRPOConfig
+from agents.grpo.setup import (build_policy, check_start_checkpoint, env_factory, grounded_area_fraction,
+                               group_trajectories, grpo_scheduler, make_optimizer, sample_prompts, split_size,
+                               strip_for_gather)
+from agents.grpo.update import NonFiniteUpdateError, check_finite_state, policy_update
+from agents.preflight import check_grpo
 from agents.policies.base import SamplingParams
 from agents.common.run_logging import RunLogger, prepare_run_dir, truncate_scalars
 from ivt_env.datasets.base import DatasetError
@@ -42,6 +45,7 @@ PROG = "python -m agents.grpo train"
 def train(cfg: GRPOConfig) -> dict[str, Any]:
     """Run (or resume) GRPO; returns a summary (iterations done, first/last validation metrics, best score)."""
     cfg.validate()
+    check_grpo(cfg)  # every name and folder, before the model loads or a run folder exists
     check_start_checkpoint(cfg)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -63,6 +67,7 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         _evaluate(cfg, policy, val, run_dir, log, state, dist, iteration=0, optimizer=optimizer,
                   scheduler=scheduler)
     bar = _progress(cfg, dist, start=state["iteration"])
+    skipped_in_row = 0
     for it in range(state["iteration"], cfg.iterations):
         # --- collect: N trajectories for each of this rank's prompts
         t0 = time.perf_counter()
@@ -70,15 +75,17 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         # observations stay in memory: the policy re-encodes them to score its tokens (token_logprobs)
         trajs = collector.collect(policy, prompts, cfg.group_size, sampling,
                                   seed=derive_seed(cfg.seed, dist.rank, it, 2), keep_observations=True)
+        skipped = _check_skipped(collector, trajs, it)
         groups = group_trajectories(trajs, cfg.group_size)
         rollout_s = time.perf_counter() - t0
 
         # --- advantages: one per trajectory, from its group's returns
         rewards = torch.tensor([[t.ret for t in g] for g in groups], dtype=torch.float64)  # (G, N)
-        scales = torch.tensor([gt_area_fraction(g[0]) for g in groups], dtype=torch.float64)  # (G,)
+        _warn_nonfinite_rewards(cfg, groups, rewards, it + 1)  # they get advantage 0 (agents.grpo.advantages)
+        scales = torch.tensor([[grounded_area_fraction(t) for t in g] for g in groups],
+                              dtype=torch.float64)  # (G, N) SRPO: each rollout's own grounded area
         adv = compute_advantages(cfg.advantage, rewards, scales=scales, eps=cfg.adv_eps,
-                                 population_std=cfg.population_std, scale_edges=cfg.srpo_scale_edges,
-                                 balance=cfg.srpo_balance)
+                                 population_std=cfg.population_std, num_bins=cfg.srpo_bins)
         batch = [t for g in groups for t in g]
 
         # --- update: IVT Eq. 2 over generated tokens, accumulated over grad_accum micro-batches
@@ -86,7 +93,9 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         stats = policy_update(policy, optimizer, batch, adv.reshape(-1), grad_accum=cfg.grad_accum,
                               updates=cfg.updates_per_iter, beta=cfg.beta, entropy_coef=cfg.entropy_coef,
                               kl_estimator=cfg.kl_estimator, clip_eps=cfg.clip_eps, old_logprobs=cfg.old_logprobs,
-                              aggregation=cfg.aggregation, norm_len=norm_len, max_grad_norm=cfg.max_grad_norm)
+                              aggregation=cfg.aggregation, norm_len=norm_len, max_grad_norm=cfg.max_grad_norm,
+                              entropy_aggregation=cfg.entropy_aggregation)
+        skipped_in_row = _count_skip(cfg, stats.skipped, skipped_in_row, it + 1)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         update_s = time.perf_counter() - t1
@@ -95,6 +104,9 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         # --- log: rollout metrics over all ranks' trajectories, losses averaged over ranks
         _log_iteration(cfg, log, bar, dist, step=it + 1, batch=batch, rewards=rewards, stats=stats.as_dict(),
                        lr=lr, times={"rollout_s": rollout_s, "update_s": update_s})
+        skipped = distributed.all_reduce_mean({"n": float(skipped)})["n"] * dist.world_size
+        if dist.is_main:  # bad records met at reset (named in the collector's log line): counted, not fatal
+            log.scalar("rollout/skipped_samples", skipped, it + 1)
 
         # --- evaluate (best checkpoint by validation reward) and checkpoint
         step = it + 1
@@ -116,6 +128,38 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------- helpers
+def _warn_nonfinite_rewards(cfg: GRPOConfig, groups, rewards: torch.Tensor, step: int) -> None:
+    """A warning naming the samples and the reward function of every NaN/inf return."""
+    bad = [(g, i) for g, i in torch.nonzero(~torch.isfinite(rewards)).tolist()]
+    if bad:
+        ids = [f"{groups[g][i].sample_id} (group {g}, trajectory {i}: {float(rewards[g, i])})" for g, i in bad]
+        warnings.warn(f"[grpo] iteration {step}: {len(bad)} non-finite rewards from reward {cfg.reward!r}: "
+                      f"{'; '.join(ids)}; their advantage is 0 and their groups are normalised without them",
+                      RuntimeWarning, stacklevel=2)
+
+
+def _count_skip(cfg: GRPOConfig, skipped: str, in_row: int, step: int) -> int:
+    """Skipped updates in a row so far; raises :class:`NonFiniteUpdateError` at ``cfg.max_skipped_updates``."""
+    if not skipped:
+        return 0
+    in_row += 1
+    warnings.warn(f"[grpo] iteration {step}: update skipped ({skipped}); {in_row} in a row", RuntimeWarning,
+                  stacklevel=2)
+    if in_row >= cfg.max_skipped_updates:
+        raise NonFiniteUpdateError(f"{in_row} updates in a row skipped ({skipped}, last at iteration {step}): "
+                                   "check the reward function and the learning rate (max_skipped_updates)")
+    return in_row
+
+
+def _check_skipped(collector: Collector, trajs: Sequence[Any], it: int) -> int:
+    """How many of this iteration's samples were skipped as bad records; an error if nothing was left to train on."""
+    if not trajs and collector.last_skipped:
+        first = collector.last_skipped[0]
+        raise DatasetError(f"iteration {it + 1}: every sample failed at reset ({len(collector.last_skipped)} bad "
+                           f"records, e.g. sample {first['index']} ({first['sample_id']}): {first['error']})")
+    return len(collector.last_skipped)
+
+
 def _setup_run(cfg: GRPOConfig, dist: distributed.DistInfo):
     """Run folder, policy (identical on every rank), optimizer, schedule, state (restored by --resume), logger."""
     seed_everything(cfg.seed)  # same on every rank: identical model/LoRA init (also broadcast below)
@@ -130,7 +174,8 @@ def _setup_run(cfg: GRPOConfig, dist: distributed.DistInfo):
         state = _resume(cfg, run_dir, policy, optimizer, scheduler, dist)
     else:
         seed_everything(derive_seed(cfg.seed, dist.rank))
-    log = RunLogger(run_dir, enabled=dist.is_main)  # after _resume, which trims the log to the checkpoint
+    # after _resume, which trims the log to the checkpoint; TensorBoard drops the killed run's later events itself
+    log = RunLogger(run_dir, enabled=dist.is_main, purge_step=state["iteration"] + 1 if cfg.resume else None)
     if dist.is_main and state["iteration"] == 0:
         log.hparams(to_dict(cfg), {"eval/return_mean": 0.0, "eval/miou": 0.0})
         log.text("config", "```\n" + (run_dir / "config.yaml").read_text() + "\n```")
@@ -140,11 +185,11 @@ def _setup_run(cfg: GRPOConfig, dist: distributed.DistInfo):
 def _log_iteration(cfg, log, bar, dist, *, step, batch, rewards, stats, lr, times) -> None:
     """rollout/*, train/*, time/* scalars, trajectory strips, and the progress bar's numbers."""
     all_trajs = [t for part in distributed.gather_objects([strip_for_gather(t) for t in batch]) for t in part]
-    zero_frac = distributed.all_reduce_mean({"z": zero_std_fraction(rewards)})["z"]
+    fracs = distributed.all_reduce_mean({"z": zero_std_fraction(rewards), "nf": nonfinite_fraction(rewards)})
     train_stats = distributed.all_reduce_mean(stats)
     roll = compute_metrics(all_trajs)
     if dist.is_main:
-        log.scalars(_rollout_scalars(roll, zero_frac), step, prefix="rollout/")
+        log.scalars(_rollout_scalars(roll, fracs["z"], fracs["nf"]), step, prefix="rollout/")
         log.scalars({**train_stats, "lr": lr}, step, prefix="train/")
         log.scalars(times, step, prefix="time/")
         if cfg.image_every > 0 and (step - 1) % cfg.image_every == 0:
@@ -160,6 +205,7 @@ def _resume(cfg: GRPOConfig, run_dir: Path, policy: Any, optimizer: Any, schedul
             dist: distributed.DistInfo) -> dict:
     ckpt = latest_checkpoint(run_dir)
     state = load_checkpoint(ckpt, policy=policy, optimizer=optimizer, scheduler=scheduler, rank=dist.rank)
+    apply_schedule(optimizer, scheduler)  # the schedule of THIS run's --iterations (an extended run goes on)
     if state.get("world_size", 1) != dist.world_size and dist.is_main:
         print(f"[grpo] resuming a {state.get('world_size')}-rank run on {dist.world_size} ranks: sampling differs "
               "from the original run", file=sys.stderr)
@@ -191,6 +237,9 @@ def _save(run_dir, cfg, policy, optimizer, scheduler, state, dist, directory: Op
     digests = distributed.gather_objects(distributed.param_digest(policy.trainable_parameters()))
     if len(set(digests)) != 1:  # data-parallel replicas must stay bit-identical
         raise RuntimeError(f"trainable parameters differ between ranks at iteration {state['iteration']}: {digests}")
+    # every rank (identical replicas): all raise together, none waits at the barrier for a rank that stopped
+    check_finite_state(list(policy.trainable_parameters()), optimizer,
+                       what=f"checkpoint of iteration {state['iteration']}")
     if dist.is_main:
         full = {**state, "world_size": dist.world_size, "config": to_dict(cfg), "param_sha256": digests}
         target = directory or checkpoint_dir(run_dir, state["iteration"])
@@ -224,11 +273,11 @@ def _evaluate(cfg, policy, val, run_dir, log, state, dist, *, iteration: int, op
         _save(run_dir, cfg, policy, optimizer, scheduler, state, dist, directory=Path(run_dir) / "best")
 
 
-def _rollout_scalars(m: dict, zero_frac: float) -> dict[str, Any]:
+def _rollout_scalars(m: dict, zero_frac: float, nonfinite_frac: float = 0.0) -> dict[str, Any]:
     out = {"reward_mean": m["return_mean"], "iou_step": m["iou_step"], "miou": m["miou"], "acc@0.5": m["acc@0.5"],
            "improve_rate": m["improve_rate"], "stagnation_rate": m["stagnation_rate"],
            "degradation_rate": m["degradation_rate"], "format_rate": m["format_rate"],
-           "frac_zero_std_groups": zero_frac}
+           "frac_zero_std_groups": zero_frac, "frac_nonfinite_reward": nonfinite_frac}
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -272,7 +321,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg.validate()
         summary = train(cfg)
         is_main = distributed.current().is_main
-    except (ValueError, FileNotFoundError, FileExistsError, DatasetError) as e:
+    except NonFiniteUpdateError as e:  # a clear stop, never a run that keeps writing NaN checkpoints
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, FileExistsError, DatasetError, CheckpointError) as e:
         if isinstance(e, ValueError) and not isinstance(e, DatasetError) and "GRPO config" not in str(e):
             raise  # not a user error: keep the traceback
         print(f"{PROG}: error: {e}", file=sys.stderr)

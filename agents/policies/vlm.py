@@ -128,7 +128,9 @@ class VLMPolicy(TrainablePolicy):
         """
         from transformers import AutoModelForImageTextToText
 
-        path = str(path)
+        from agents.policies.model_dir import resolve_model_dir
+
+        path = resolve_model_dir(path, "model")  # best/, checkpoints/iter_N/ as given; a missing folder named
         if isinstance(lora, Mapping):
             lora = LoraSettings(**lora)
         if lora is not None and not lora.enabled:

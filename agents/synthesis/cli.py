@@ -194,7 +194,17 @@ def run(cfg: SynthesizeConfig, synthesizer: Optional[Synthesizer] = None) -> dic
 def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = parse_cli(SynthesizeConfig, argv, prog="python -m agents.synthesis",
                     description=__doc__.split("\n\n")[0] + " Writes a dataset folder; re-run to resume.")
-    summary = run(cfg)
+    from agents.preflight import check_synthesis
+    from ivt_env.datasets.base import DatasetError
+
+    try:
+        check_synthesis(cfg)  # names and folders before any model or dataset loads
+        summary = run(cfg)
+    except (ValueError, FileNotFoundError, DatasetError) as e:
+        if isinstance(e, ValueError) and not isinstance(e, DatasetError) and "synthesis config" not in str(e):
+            raise  # not a user error: keep the traceback
+        print(f"python -m agents.synthesis: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({k: summary[k] for k in ("samples", "stages", "dropped", "kept_start_iou_mean", "step_iou_mean")},
                      indent=2))
     print(f"wrote {cfg.out}/trajectories.jsonl and summary.json")

@@ -7,6 +7,7 @@ exact upstream layouts of RefCOCOg, Ref-L4 and Ref-Adv-s plus their balanced mix
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 from ivt_env.registries import Registry
@@ -29,6 +30,25 @@ DATASETS.register("mix", "ivt_env.datasets.mix:Mix")
 DATASET_NAMES = tuple(DATASETS)
 
 
+def _key(name: str) -> str:
+    key = name.lower().replace("-", "").replace("_", "")
+    return {"refadvs": "refadv"}.get(key, key)
+
+
+def dataset_splits(name: str) -> tuple[str, ...]:
+    """The split names dataset ``name`` knows, e.g. ``("train", "val", "test", "all")`` for refadv (whose ``all`` is
+    its whole single upstream split). Synthetic also takes any name with ``num_samples`` / ``split_sizes``."""
+    key = _key(name)
+    if key not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    module = importlib.import_module(DATASETS.get(key).__module__)
+    if key in ("synthetic", "syntheticmulti"):
+        return tuple(module.DEFAULT_SPLIT_SIZES)
+    if key == "mix":
+        return tuple(module.PAPER_PER_DATASET)
+    return tuple(module.SPLITS)
+
+
 def load_dataset(name: str, split: str = "train", data_root: Optional[str] = None, depth_dir: Optional[str] = None,
                  depth_scale: float = 1.0, **kwargs) -> GroundingDataset:
     """Build dataset ``name`` for ``split``. ``synthetic`` ignores ``data_root``; kwargs go to the dataset class.
@@ -40,8 +60,7 @@ def load_dataset(name: str, split: str = "train", data_root: Optional[str] = Non
         from ivt_env.depth import attach_depth_folder
 
         return attach_depth_folder(load_dataset(name, split, data_root, **kwargs), depth_dir, scale=depth_scale)
-    key = name.lower().replace("-", "").replace("_", "")
-    key = {"refadvs": "refadv"}.get(key, key)
+    key = _key(name)
     if key not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     factory = DATASETS.get(key)
@@ -60,5 +79,6 @@ __all__ = [
     "Sample",
     "SyntheticDataset",
     "VOCABULARY",
+    "dataset_splits",
     "load_dataset",
 ]

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from . import DATASET_NAMES, DatasetError, load_dataset
+from . import DATASET_NAMES, DatasetError, dataset_splits, load_dataset
 from .download import HubUnreachable, download
 
 
@@ -36,15 +36,17 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--root", default=os.environ.get("IVT_DATA"), help="data root (default: $IVT_DATA)")
     d.add_argument("--timeout", type=float, default=4.0, help="seconds to wait for a connection to the Hub (default 4)")
     d.add_argument("--no-extract", action="store_true", help="keep Ref-L4's images.tar.gz packed")
+    splits = "; ".join(f"{n}: {', '.join(dataset_splits(n))}" for n in DATASET_NAMES)
     i = sub.add_parser(
         "info",
         help="print sample counts per split and dropped / repaired record counts",
-        description="Load NAME for each split and print how many samples it has, and how many upstream records "
-        "were dropped (by reason) or repaired (clipped box, EXIF rotation, colour mode).",
+        description="Load NAME for each of its splits and print how many samples it has, and how many upstream "
+        f"records were dropped (by reason) or repaired (clipped box, EXIF rotation, colour mode). Splits: {splits}.",
     )
     i.add_argument("name", help=" | ".join(DATASET_NAMES))
     i.add_argument("--root", default=None, help="data root (default: $IVT_DATA; unused for synthetic)")
-    i.add_argument("--split", action="append", help="split(s) to load (default: train, val, test)")
+    i.add_argument("--split", action="append",
+                   help="split(s) to load (default: every split of NAME, e.g. refadv: train, val, test, all)")
     i.add_argument("--no-check-images", action="store_true", help="do not open image headers (faster, less checked)")
     i.add_argument("--show", type=int, default=0, help="also print the first N samples of each split")
     i.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -55,7 +57,12 @@ def _info(args) -> int:
     synthetic = args.name.lower().replace("_", "").replace("-", "").startswith("synthetic")
     kwargs = {} if synthetic else {"check_images": not args.no_check_images}
     report = {}
-    for split in args.split or ["train", "val", "test"]:
+    try:
+        default_splits = dataset_splits(args.name)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for split in args.split or default_splits:
         try:
             ds = load_dataset(args.name, split, data_root=args.root, **kwargs)
         except DatasetError as e:
@@ -63,6 +70,8 @@ def _info(args) -> int:
             continue
         entry = {"samples": len(ds), "dropped": dict(getattr(ds, "bad_counts", {}) or {}),
                  "repaired": dict(getattr(ds, "fixed_counts", {}) or {})}
+        if getattr(ds, "bad_examples", None):  # the first records of each reason, with their files
+            entry["dropped_examples"] = ds.bad_examples
         for attr in ("per_source", "shortfall"):
             if getattr(ds, attr, None):
                 entry[attr] = getattr(ds, attr)
@@ -82,6 +91,8 @@ def _info(args) -> int:
                 continue
             print(f"{args.name}/{split}: {e['samples']} samples; dropped {sum(e['dropped'].values())} "
                   f"{e['dropped'] or ''}; repaired {e['repaired'] or 'none'}")
+            for reason, examples in e.get("dropped_examples", {}).items():
+                print(f"  {reason}: " + "; ".join(examples))
             for k in ("per_source", "shortfall"):
                 if k in e:
                     print(f"  {k}: {e[k]}")

@@ -7,6 +7,9 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 
+#: Longest referring expression a sample may have (the env's observation space bound; ``max_expression_chars``).
+MAX_EXPRESSION_CHARS = 4096
+
 
 @dataclass
 class Sample:

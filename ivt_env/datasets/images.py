@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Optional, Union
@@ -27,6 +28,17 @@ ORIENTATION_TAG = 0x0112
 SWAPS_AXES = {5, 6, 7, 8}
 #: Errors PIL raises on unreadable / truncated / hostile image data.
 IMAGE_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError)
+#: Largest image (width x height) the loaders open by default: PIL's own decompression-bomb error threshold
+#: (2 x ``Image.MAX_IMAGE_PIXELS`` = 178,956,970 pixels). ``max_image_pixels`` (dataset kwarg) changes it.
+DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
+#: Bytes at the end of a file searched for the format's end marker (cameras may pad a JPEG after its EOI).
+_TAIL_BYTES = 4096
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+class ImageTooLarge(ValueError):
+    """An image over the pixel limit (decompression-bomb guard); the message gives its size and the option."""
 
 
 class ImageRef:
@@ -95,12 +107,60 @@ def _orientation(img: Image.Image) -> int:
     return o if 1 <= o <= 8 else 1
 
 
-def probe(ref: ImageRef, full: bool = False) -> ImageInfo:
-    """Read the header (and, with ``full``, decode all pixels to catch truncated files). Raises IMAGE_ERRORS."""
-    with Image.open(ref.open()) as img:
+def _open(ref: ImageRef, max_pixels: Optional[int]) -> Image.Image:
+    """``Image.open`` with our own pixel limit in place of PIL's global one, so the limit is an option and an image
+    over it is reported as such (PIL's DecompressionBombError would read as just another unreadable file).
+    ``max_pixels=None`` or 0 disables the check."""
+    src = ref.open()
+    with _PIL_LIMIT_LOCK:  # PIL reads its limit from a module global at open time
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            img = Image.open(src)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+    if max_pixels and img.width * img.height > max_pixels:
+        img.close()
+        raise ImageTooLarge(
+            f"{img.width}x{img.height} = {img.width * img.height:,} pixels is over the decompression-bomb limit of "
+            f"{int(max_pixels):,} pixels (pass max_image_pixels=N to allow it)"
+        )
+    return img
+
+
+def _tail_has_end_marker(ref: ImageRef, fmt: Optional[str]) -> bool:
+    """True when the file's last bytes hold its format's end marker (JPEG EOI, PNG IEND), or the format has none
+    we know. A file cut after its header fails this cheap test (one seek, one small read)."""
+    marker = _END_MARKERS.get(fmt or "")
+    if marker is None:
+        return True
+    src = ref.open()
+    if isinstance(src, (str, os.PathLike)):
+        with open(src, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - _TAIL_BYTES))
+            tail = f.read()
+    else:
+        src.seek(0, os.SEEK_END)
+        src.seek(max(0, src.tell() - _TAIL_BYTES))
+        tail = src.read()
+    return marker in tail
+
+
+def probe(ref: ImageRef, full: bool = False, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> ImageInfo:
+    """Read the header and check the file is whole, or with ``full`` decode all pixels. Raises IMAGE_ERRORS
+    (:class:`ImageTooLarge` over ``max_pixels``).
+
+    Without ``full``, a JPEG or PNG whose last bytes lack the format's end marker (a file cut short) is decoded in
+    full to decide: a truncated file raises, a file merely padded after its marker passes."""
+    with _open(ref, max_pixels) as img:
         if full:
             img.load()
-        return ImageInfo(img.width, img.height, _orientation(img), img.mode)
+        info = ImageInfo(img.width, img.height, _orientation(img), img.mode)
+        fmt = img.format
+    if not full and not _tail_has_end_marker(ref, fmt):
+        with _open(ref, max_pixels) as img:
+            img.load()
+    return info
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -124,9 +184,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def decode_rgb(ref: ImageRef) -> tuple[np.ndarray, int]:
+def decode_rgb(ref: ImageRef, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[np.ndarray, int]:
     """Decode, apply EXIF orientation, convert to RGB: (``uint8 (H, W, 3)`` upright, the EXIF orientation)."""
-    with Image.open(ref.open()) as img:
+    with _open(ref, max_pixels) as img:
         img.load()
         orientation = _orientation(img)
         up = ImageOps.exif_transpose(img)

@@ -21,8 +21,9 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .base import DatasetError, ListDataset
-from .records import build_samples
+from .base import MAX_EXPRESSION_CHARS, DatasetError, ListDataset
+from .images import DEFAULT_MAX_IMAGE_PIXELS
+from .records import BadRecords, build_samples
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class Mix(ListDataset):
         on_bad_sample: str = "skip",
         check_images: Union[bool, str] = True,
         dataset_kwargs: Optional[dict] = None,
+        max_expression_chars: int = MAX_EXPRESSION_CHARS,
+        max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
     ):
         if per_dataset is None:
             per_dataset = PAPER_PER_DATASET
@@ -67,18 +70,20 @@ class Mix(ListDataset):
         kwargs = {s: dict(DEFAULT_DATASET_KWARGS.get(s, {})) for s in sources}
         for s, kw in (dataset_kwargs or {}).items():
             kwargs.setdefault(s, {}).update(kw)
-        bad: Counter = Counter()
+        bad = BadRecords()
         fixed: Counter = Counter()
         per_source: dict[str, list] = {}
         self.shortfall: dict[str, int] = {}
         for src in sources:
-            records, ann_bad, where = _reader(src)(split, data_root, **kwargs.get(src, {}))
+            records, ann_counts, where = _reader(src)(split, data_root, **kwargs.get(src, {}))
+            ann_bad = BadRecords()
+            ann_bad.merge(ann_counts)
             if ann_bad and on_bad_sample == "raise":
-                raise DatasetError(f"mix/{split}: bad records in the {src} annotations: {dict(ann_bad)} ({where}); "
+                raise DatasetError(f"mix/{split}: bad records in the {src} annotations: {ann_bad.summary()} ({where}); "
                                    "pass on_bad_sample='skip' to drop them")
             rng = np.random.default_rng([int(seed), zlib.crc32(src.encode()), zlib.crc32(split.encode())])
             order = rng.permutation(len(records))
-            src_bad: Counter = Counter()
+            src_bad = BadRecords()
             src_fixed: Counter = Counter()
             samples = build_samples(
                 (records[i] for i in order),
@@ -88,12 +93,14 @@ class Mix(ListDataset):
                 want=k,
                 bad_counts=src_bad,
                 fixed_counts=src_fixed,
+                max_expression_chars=max_expression_chars,
+                max_image_pixels=max_image_pixels,
             )
             for s in samples:
                 if not s.sample_id.startswith(f"{src}-"):
                     s.sample_id = f"{src}-{s.sample_id}"
-            for reason, n in (ann_bad + src_bad).items():
-                bad[f"{src}: {reason}"] += n
+            bad.merge(ann_bad, prefix=f"{src}: ")
+            bad.merge(src_bad, prefix=f"{src}: ")
             for reason, n in src_fixed.items():
                 fixed[f"{src}: {reason}"] += n
             if len(samples) < k:
@@ -105,6 +112,7 @@ class Mix(ListDataset):
         super().__init__(mixed, name="mix", split=split, bad_counts=bad)
         self.per_source = {s: len(v) for s, v in per_source.items()}
         self.fixed_counts = dict(fixed)
+        self.bad_examples = {k: list(v) for k, v in bad.examples.items()}
         self.seed = seed
         if bad:
-            log.warning("mix/%s: skipped %d bad records while drawing %s", split, sum(bad.values()), dict(bad))
+            log.warning("mix/%s: skipped %d bad records while drawing %s", split, sum(bad.values()), bad.summary())

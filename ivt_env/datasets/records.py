@@ -14,12 +14,60 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Optional, Union
 
-from .base import DatasetError, ListDataset, Sample
-from .images import IMAGE_ERRORS, SWAPS_AXES, ImageInfo, ImageRef, clean_box, decode_rgb, orient_box, probe
+from .base import MAX_EXPRESSION_CHARS, DatasetError, ListDataset, Sample
+from .images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_ERRORS,
+    SWAPS_AXES,
+    ImageInfo,
+    ImageRef,
+    ImageTooLarge,
+    clean_box,
+    decode_rgb,
+    orient_box,
+    probe,
+)
 
 log = logging.getLogger(__name__)
 
 ON_BAD = ("skip", "raise")
+#: Records named per reason in reports (the count covers all of them).
+EXAMPLES_PER_REASON = 3
+
+
+class BadRecords(Counter):
+    """Dropped records counted by reason, plus the first few of each reason (id, file, detail) so that a report
+    can name them: ``bad.note("empty expression", "refl4-7", "/data/refl4/images/x.jpg")``. Used as a Counter
+    everywhere else (``bad["reason"] += 1`` still counts, without an example)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.examples: dict[str, list[str]] = {}
+
+    def note(self, reason: str, record_id: str, where: str = "", detail: str = "") -> None:
+        self[reason] += 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < EXAMPLES_PER_REASON:
+            ex.append(describe_record(record_id, where, detail))
+
+    def merge(self, other: Counter, prefix: str = "") -> None:
+        for reason, n in other.items():
+            self[prefix + reason] += n
+        for reason, ex in getattr(other, "examples", {}).items():
+            mine = self.examples.setdefault(prefix + reason, [])
+            mine.extend(ex[: max(0, EXAMPLES_PER_REASON - len(mine))])
+
+    def summary(self) -> str:
+        """``"reason": n (e.g. id (file): detail; ...)`` for every reason, in one line."""
+        parts = []
+        for reason, n in self.items():
+            ex = self.examples.get(reason)
+            parts.append(f"{reason!r}: {n}" + (f" (e.g. {'; '.join(ex)})" if ex else ""))
+        return "{" + ", ".join(parts) + "}"
+
+
+def describe_record(record_id: str, where: str = "", detail: str = "") -> str:
+    return f"{record_id}" + (f" ({where})" if where else "") + (f": {detail}" if detail else "")
 
 
 @dataclass
@@ -44,12 +92,18 @@ def _check_on_bad(on_bad_sample: str) -> None:
 class _Loader:
     """Sample.load_image for one record: decode upright RGB and check it has the size the sample promised."""
 
-    def __init__(self, ref: ImageRef, sample_id: str, width: int, height: int, orientation: Optional[int]):
+    def __init__(self, ref: ImageRef, sample_id: str, width: int, height: int, orientation: Optional[int],
+                 max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS):
         self.ref, self.sample_id, self.width, self.height, self.orientation = ref, sample_id, width, height, orientation
+        self.max_pixels = max_pixels
+
+    def __setstate__(self, state):  # loaders pickled before max_pixels existed
+        self.__dict__.update(state)
+        self.__dict__.setdefault("max_pixels", DEFAULT_MAX_IMAGE_PIXELS)
 
     def __call__(self):
         try:
-            arr, orientation = decode_rgb(self.ref)
+            arr, orientation = decode_rgb(self.ref, self.max_pixels)
         except IMAGE_ERRORS as e:
             raise DatasetError(f"sample {self.sample_id}: cannot read image {self.ref.describe()}: {e}") from e
         if self.orientation is None and orientation != 1:
@@ -77,18 +131,23 @@ def build_samples(
     fixed_counts: Optional[Counter] = None,
     progress: Optional[bool] = None,
     total: Optional[int] = None,
+    max_expression_chars: int = MAX_EXPRESSION_CHARS,
+    max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> list[Sample]:
     """Check ``records`` in order and return good samples (at most ``want``; stops early once reached).
 
-    ``check_images``: True reads each image's header once (size, EXIF orientation, readability); "full" also
-    decodes the pixels (catches truncated files); False trusts the annotation's size and checks at load time.
-    Dropped records are counted by reason in ``bad_counts``; repairs (clipped box, EXIF rotation, non-RGB mode)
-    in ``fixed_counts``.
+    ``check_images``: True reads each image's header once (size, EXIF orientation, readability) and the end of
+    the file (a JPEG/PNG without its end marker is decoded in full: catches files cut short); "full" decodes every
+    image's pixels; False trusts the annotation's size and checks at load time.
+    ``max_expression_chars``: longer expressions are dropped ("expression too long"; the env refuses them).
+    ``max_image_pixels``: images with more pixels are dropped ("image over pixel limit"; None: no limit).
+    Dropped records are counted by reason in ``bad_counts`` (a :class:`BadRecords` also keeps the first few ids
+    and files of each reason); repairs (clipped box, EXIF rotation, non-RGB mode) in ``fixed_counts``.
     """
     _check_on_bad(on_bad_sample)
-    bad = bad_counts if bad_counts is not None else Counter()
+    bad = bad_counts if bad_counts is not None else BadRecords()
     fixed = fixed_counts if fixed_counts is not None else Counter()
-    infos: dict[str, Union[ImageInfo, str]] = {}
+    infos: dict[str, Union[ImageInfo, tuple[str, str]]] = {}
     out: list[Sample] = []
     if progress is None:
         progress = (total or 0) > 5000 and bool(check_images)
@@ -105,22 +164,31 @@ def build_samples(
                 + (f": {detail}" if detail else "")
                 + " (pass on_bad_sample='skip' to drop such records)"
             )
-        bad[reason] += 1
+        if isinstance(bad, BadRecords):
+            bad.note(reason, rec.sample_id, f"image {rec.image.describe()}", detail)
+        else:
+            bad[reason] += 1
 
     for rec in it:
         if want is not None and len(out) >= want:
             break
+        if len(rec.expression) > max_expression_chars:
+            reject(rec, "expression too long", f"{len(rec.expression)} characters, max_expression_chars="
+                   f"{max_expression_chars}")
+            continue
         orientation: Optional[int] = None
         if check_images or rec.width is None or rec.height is None:
             key = rec.image.key
             if key not in infos:
                 try:
-                    infos[key] = probe(rec.image, full=(check_images == "full"))
+                    infos[key] = probe(rec.image, full=(check_images == "full"), max_pixels=max_image_pixels)
+                except ImageTooLarge as e:
+                    infos[key] = ("image over pixel limit", str(e))
                 except IMAGE_ERRORS as e:
-                    infos[key] = f"{type(e).__name__}: {e}"
+                    infos[key] = ("unreadable image", f"{type(e).__name__}: {e}")
             info = infos[key]
-            if isinstance(info, str):
-                reject(rec, "unreadable image", info)
+            if isinstance(info, tuple):
+                reject(rec, *info)
                 continue
             ann_w = rec.width if rec.width is not None else info.raw_width
             ann_h = rec.height if rec.height is not None else info.raw_height
@@ -162,7 +230,7 @@ def build_samples(
                 width=width,
                 height=height,
                 source=source,
-                load_image=_Loader(rec.image, rec.sample_id, width, height, orientation),
+                load_image=_Loader(rec.image, rec.sample_id, width, height, orientation, max_image_pixels),
                 meta=meta,
             )
         )
@@ -185,12 +253,15 @@ class RecordDataset(ListDataset):
         limit: Optional[int] = None,
         progress: Optional[bool] = None,
         where: str = "",
+        max_expression_chars: int = MAX_EXPRESSION_CHARS,
+        max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
     ):
-        bad = Counter(bad_counts or {})
+        bad = BadRecords()
+        bad.merge(bad_counts or Counter())
         _check_on_bad(on_bad_sample)
         if bad and on_bad_sample == "raise":
             raise DatasetError(
-                f"{name}/{split}: bad records in the annotations: {dict(bad)} ({where}); "
+                f"{name}/{split}: bad records in the annotations: {bad.summary()} ({where}); "
                 "pass on_bad_sample='skip' to drop them"
             )
         fixed: Counter = Counter()
@@ -204,12 +275,15 @@ class RecordDataset(ListDataset):
             fixed_counts=fixed,
             progress=progress,
             total=len(records),
+            max_expression_chars=max_expression_chars,
+            max_image_pixels=max_image_pixels,
         )
         super().__init__(samples, name=name, split=split, bad_counts=bad)
         self.fixed_counts = dict(fixed)
+        self.bad_examples = {k: list(v) for k, v in bad.examples.items()}
         self.where = where
         if bad:
-            log.warning("%s/%s: dropped %d bad records %s (%s)", name, split, sum(bad.values()), dict(bad), where)
+            log.warning("%s/%s: dropped %d bad records %s (%s)", name, split, sum(bad.values()), bad.summary(), where)
         if fixed:
             log.info("%s/%s: repaired %s", name, split, dict(fixed))
 

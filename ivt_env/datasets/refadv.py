@@ -27,9 +27,9 @@ import re
 from collections import Counter
 from typing import Optional, Sequence
 
-from .base import DatasetError
-from .images import BytesImage, FileImage, RowGroupCache
-from .records import RawRecord, RecordDataset, data_root
+from .base import MAX_EXPRESSION_CHARS, DatasetError
+from .images import DEFAULT_MAX_IMAGE_PIXELS, BytesImage, FileImage, RowGroupCache
+from .records import BadRecords, RawRecord, RecordDataset, data_root
 from .splits import proportional_sizes, rank_split
 
 NAME = "refadv"
@@ -137,17 +137,17 @@ def read_records(
         sizes = proportional_sizes(len(rows), split_sizes)
         assigned = rank_split([str(r["file_name"]) for r, _ in rows], sizes, ("train", "val", "test"))
     records: list[RawRecord] = []
-    bad: Counter = Counter()
+    bad = BadRecords()
     for row, ((rec, ref), s) in enumerate(zip(rows, assigned)):
         if s != split:
             continue
         box = _solution_box(rec.get("solution"))
         if box is None:
-            bad["malformed box"] += 1
+            bad.note("malformed box", f"refadv-{row}", f"image {ref.describe()}")
             continue
         text = str(rec.get("normal_caption") or "").strip()
         if not text:
-            bad["empty expression"] += 1
+            bad.note("empty expression", f"refadv-{row}", f"image {ref.describe()}")
             continue
         meta = {k: rec.get(k) for k in META if k in rec}
         meta.update(file_name=str(rec["file_name"]), row=row, split=split)
@@ -170,7 +170,9 @@ class RefAdv(RecordDataset):
     """Ref-Adv-s (see module doc). kwargs: ``split_sizes``, ``on_bad_sample``, ``check_images``, ``limit``."""
 
     def __init__(self, split: str = "test", data_root: Optional[str] = None, *, on_bad_sample: str = "skip",
-                 check_images=True, limit: Optional[int] = None, **kwargs):
+                 check_images=True, limit: Optional[int] = None, max_expression_chars: int = MAX_EXPRESSION_CHARS,
+                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
         records, bad, where = read_records(split, data_root, **kwargs)
         super().__init__(records, NAME, split, on_bad_sample=on_bad_sample, check_images=check_images,
-                         bad_counts=bad, limit=limit, where=where)
+                         bad_counts=bad, limit=limit, where=where, max_expression_chars=max_expression_chars,
+                         max_image_pixels=max_image_pixels)

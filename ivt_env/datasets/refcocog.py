@@ -38,9 +38,9 @@ import pickle
 from collections import Counter
 from typing import Optional
 
-from .base import DatasetError
-from .images import BytesImage, FileImage, RowGroupCache, xywh_to_xyxy
-from .records import RawRecord, RecordDataset, data_root
+from .base import MAX_EXPRESSION_CHARS, DatasetError
+from .images import DEFAULT_MAX_IMAGE_PIXELS, BytesImage, FileImage, RowGroupCache, xywh_to_xyxy
+from .records import BadRecords, RawRecord, RecordDataset, data_root
 from .splits import holdout_split
 
 NAME = "refcocog"
@@ -139,7 +139,7 @@ def read_refer(
         ) from e
     img_dir = _image_dir(root, image_dir)
     records: list[RawRecord] = []
-    bad: Counter = Counter()
+    bad = BadRecords()
     for k, ref in enumerate(refs):
         ref = _norm_keys(ref)
         try:
@@ -153,20 +153,22 @@ def read_refer(
         ann = anns.get(ann_id)
         im = images.get(image_id)
         if ann is None or im is None:
-            bad["annotation or image missing from instances.json"] += 1
+            bad.note("annotation or image missing from instances.json", f"refcocog-ref{ref_id}",
+                     f"ann_id {ann_id}, image_id {image_id} in {inst_path}")
             continue
         file_name = _s(im.get("file_name") or "COCO_train2014_%012d.jpg" % image_id)
         ref_image = FileImage(os.path.join(img_dir, file_name))
         try:
             box = xywh_to_xyxy(ann["bbox"])
         except (KeyError, TypeError, ValueError):
-            bad["malformed box"] += 1
+            bad.note("malformed box", f"refcocog-ref{ref_id}", f"image {ref_image.describe()}")
             continue
         chosen = sents if sentences == "all" else sents[:1]
         for s in chosen:
             text = _s(s.get("sent") or s.get("raw") or "").strip()
             if not text:
-                bad["empty expression"] += 1
+                bad.note("empty expression", f"refcocog-{ref_id}-{int(s.get('sent_id', 0))}",
+                         f"image {ref_image.describe()}")
                 continue
             records.append(
                 RawRecord(
@@ -198,7 +200,7 @@ def read_parquet(
         )
     need = ["question_id", "answer", "bbox", "file_name"]
     records: list[RawRecord] = []
-    bad: Counter = Counter()
+    bad = BadRecords()
     for path in files:
         try:
             schema = pq.read_schema(path)
@@ -222,7 +224,7 @@ def read_parquet(
             qid = str(cols["question_id"][row])
             bbox = cols["bbox"][row]
             if bbox is None or len(bbox) != 4:
-                bad["malformed box"] += 1
+                bad.note("malformed box", f"refcocog-{qid}", f"{path} row {row} ({file_name})")
                 continue
             box = xywh_to_xyxy(bbox)
             answers = [a for a in (cols["answer"][row] or []) if isinstance(a, str)]
@@ -231,11 +233,11 @@ def read_parquet(
             chosen = list(enumerate(answers)) if sentences == "all" else list(enumerate(answers))[:1]
             ref_image = BytesImage(f"{path}#{row}", functools.partial(images.get, row), f"{path} row {row} ({file_name})")
             if not chosen:
-                bad["empty expression"] += 1
+                bad.note("empty expression", f"refcocog-{qid}", ref_image.describe())
             for k, text in chosen:
                 text = text.strip()
                 if not text:
-                    bad["empty expression"] += 1
+                    bad.note("empty expression", f"refcocog-{qid}-{k}", ref_image.describe())
                     continue
                 records.append(
                     RawRecord(
@@ -279,7 +281,9 @@ class RefCOCOg(RecordDataset):
     ``on_bad_sample`` ("skip" | "raise"), ``check_images`` (True | "full" | False), ``limit``."""
 
     def __init__(self, split: str = "train", data_root: Optional[str] = None, *, on_bad_sample: str = "skip",
-                 check_images=True, limit: Optional[int] = None, **kwargs):
+                 check_images=True, limit: Optional[int] = None, max_expression_chars: int = MAX_EXPRESSION_CHARS,
+                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
         records, bad, where = read_records(split, data_root, **kwargs)
         super().__init__(records, NAME, split, on_bad_sample=on_bad_sample, check_images=check_images,
-                         bad_counts=bad, limit=limit, where=where)
+                         bad_counts=bad, limit=limit, where=where, max_expression_chars=max_expression_chars,
+                         max_image_pixels=max_image_pixels)

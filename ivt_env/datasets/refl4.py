@@ -22,9 +22,9 @@ import tempfile
 from collections import Counter
 from typing import Optional
 
-from .base import DatasetError
-from .images import FileImage, xywh_to_xyxy
-from .records import RawRecord, RecordDataset, data_root
+from .base import MAX_EXPRESSION_CHARS, DatasetError
+from .images import DEFAULT_MAX_IMAGE_PIXELS, FileImage, xywh_to_xyxy
+from .records import BadRecords, RawRecord, RecordDataset, data_root
 from .splits import holdout_split
 
 NAME = "refl4"
@@ -110,7 +110,7 @@ def read_records(
     folder = image_folder(base)
     by_name: Optional[dict[str, str]] = None
     records: list[RawRecord] = []
-    bad: Counter = Counter()
+    bad = BadRecords()
     for row in range(len(cols["id"])):
         image_id = cols["image_id"][row]
         if split != "test" and holdout_split(str(image_id), holdout_fraction) != split:
@@ -123,11 +123,11 @@ def read_records(
             img_path = by_name.get(os.path.basename(file_name), img_path)
         bbox = cols["bbox"][row]
         if bbox is None or len(bbox) != 4:
-            bad["malformed box"] += 1
+            bad.note("malformed box", f"refl4-{cols['id'][row]}", f"image {img_path}")
             continue
         caption = (cols["caption"][row] or "").strip()
         if not caption:
-            bad["empty expression"] += 1
+            bad.note("empty expression", f"refl4-{cols['id'][row]}", f"image {img_path}")
             continue
         meta = {k: cols[k][row] for k in ("bbox_area", "bbox_id", "ori_category_id", "is_rewrite") if k in cols}
         meta.update(image_id=image_id, file_name=file_name, upstream_split=upstream, split=split)
@@ -149,7 +149,9 @@ class RefL4(RecordDataset):
     """Ref-L4 (see module doc). kwargs: ``holdout_fraction``, ``on_bad_sample``, ``check_images``, ``limit``."""
 
     def __init__(self, split: str = "test", data_root: Optional[str] = None, *, on_bad_sample: str = "skip",
-                 check_images=True, limit: Optional[int] = None, **kwargs):
+                 check_images=True, limit: Optional[int] = None, max_expression_chars: int = MAX_EXPRESSION_CHARS,
+                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS, **kwargs):
         records, bad, where = read_records(split, data_root, **kwargs)
         super().__init__(records, NAME, split, on_bad_sample=on_bad_sample, check_images=check_images,
-                         bad_counts=bad, limit=limit, where=where)
+                         bad_counts=bad, limit=limit, where=where, max_expression_chars=max_expression_chars,
+                         max_image_pixels=max_image_pixels)

@@ -170,3 +170,25 @@ def test_norm_pixel_round_trip(width, height):
 def test_round_trip_property(v, size):
     assert to_norm(to_pixels((v, v, v, v), size, size), size, size) == (v, v, v, v)
     assert math.isclose(to_pixels((v, 0, 0, 0), size, 1)[0], v * size / 1000)
+
+
+def test_which_box_counts_last_or_first():
+    text = "first guess [10, 20, 30, 40], then [100, 200, 300, 400]"
+    assert parse_box(text).box == (100.0, 200.0, 300.0, 400.0)
+    assert parse_box(text, "first").box == (10.0, 20.0, 30.0, 40.0)
+    # a JSON object's bbox_2d wins over another list inside the same object, in both directions
+    obj = '{"other": [1, 2, 3, 4], "bbox_2d": [50, 60, 70, 80], "more": [5, 6, 7, 8]}'
+    assert parse_box(obj, "first").box == parse_box(obj).box == (50.0, 60.0, 70.0, 80.0)
+    assert parse_box("[1, 2, 3, 4] " + obj, "first").box == (1.0, 2.0, 3.0, 4.0)
+    assert parse_box(obj + " [1, 2, 3, 4]", "first").box == (50.0, 60.0, 70.0, 80.0)
+    assert parse_box(obj + " [1, 2, 3, 4]").box == (1.0, 2.0, 3.0, 4.0)
+    # answer blocks: the first block with "first", the last with "last"; a think box only when nothing else
+    answers = "<answer>[1, 1, 2, 2]</answer> again <answer>[3, 3, 4, 4]</answer>"
+    assert parse_box(answers, "first").box == (1.0, 1.0, 2.0, 2.0)
+    assert parse_box(answers).box == (3.0, 3.0, 4.0, 4.0)
+    think = "<think>[9, 9, 10, 10]</think> [5, 5, 6, 6] [7, 7, 8, 8]"
+    assert parse_box(think, "first").box == (5.0, 5.0, 6.0, 6.0)
+    # an invalid first box is reported, not skipped for a later valid one
+    assert parse_box("[0, 0, 0, 0] then [1, 2, 3, 4]", "first").reason == "x2 <= x1"
+    with pytest.raises(ValueError, match="which must be one of"):
+        parse_box(text, "middle")

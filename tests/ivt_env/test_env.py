@@ -13,7 +13,7 @@ from tests.ivt_env.fake_data import FakeDataset
 
 INFO_KEYS = {
     "sample_id", "dataset", "source", "index", "gt_box", "gt_box_norm", "width", "height", "step",
-    "max_steps", "box", "box_norm", "valid", "reason", "iou", "ious", "valids",
+    "max_steps", "box", "box_norm", "valid", "reason", "iou", "ious", "valids", "boxes_norm",
 }
 
 
@@ -181,3 +181,52 @@ def test_check_env_on_images_of_varying_size():
         warnings.simplefilter("error")  # any checker warning fails the test
         warnings.filterwarnings("ignore", message=".*not having a spec.*")
         check_env(env)
+
+
+def test_answer_box_option_picks_first_or_last():
+    text = "[250, 250, 750, 750] no, rather [0, 0, 100, 100]"
+    for which, want in (("last", (0.0, 0.0, 100.0, 100.0)), ("first", (250.0, 250.0, 750.0, 750.0))):
+        env = GroundingRefineEnv(FakeDataset(), answer_box=which)
+        env.reset(seed=0, options={"index": 0})
+        _, _, _, _, info = env.step(text)
+        assert info["box_norm"] == want
+    assert GroundingRefineEnv(FakeDataset()).answer_box == "last"
+    with pytest.raises(ValueError, match="answer_box must be one of"):
+        GroundingRefineEnv(FakeDataset(), answer_box="any")
+
+
+def test_long_actions_are_cut_to_their_tail_and_stay_fast():
+    import time
+
+    from ivt_env.env import MAX_ACTION_CHARS
+
+    env = GroundingRefineEnv(FakeDataset())
+    assert env.action_space.max_length == MAX_ACTION_CHARS == 16384
+    head = "[0, 0, 10, 10] " + "x" * 6_000_000  # 6 MB: the box at the start lies outside the kept tail
+    env.reset(seed=0, options={"index": 0})
+    _, _, _, _, info = env.step(head + " [250, 250, 750, 750]")
+    assert info["action_truncated"] and info["box_norm"] == (250.0, 250.0, 750.0, 750.0) and info["iou"] == 1.0
+    _, _, _, _, info = env.step(head)
+    assert info["action_truncated"] and not info["valid"]
+    _, _, _, _, info = env.step("y" * (MAX_ACTION_CHARS - 20) + "[250, 250, 750, 750]")  # exactly at the bound
+    assert not info["action_truncated"] and info["valid"]
+    hostile = [
+        "[1, 2, 3, 4] " * 460_000,
+        '{"bbox_2d": [1, 2, 3, 4]} ' * 700,
+        '{"bbox_2d": [1, 2, 3]} ' * 800,
+        '{"a": [1, 2, 3, 4], "bbox_2d": [5, 6, 7, 8]} ' * 400,
+        "<answer>[1, 2, 3, 4]" * 1000,
+        "<think>" * 2400,
+        "[" * 20000,
+        "[1, 2, 3, " * 1700,
+    ]
+    for which in ("last", "first"):
+        env = GroundingRefineEnv(FakeDataset(), answer_box=which)
+        for text in hostile:
+            best = float("inf")
+            for _ in range(3):  # best of 3: the bound is the step's own cost, not a busy machine's scheduling
+                env.reset(seed=0, options={"index": 0})
+                t0 = time.perf_counter()
+                env.step(text)
+                best = min(best, time.perf_counter() - t0)
+            assert best < 0.010, (which, text[:30], best)

@@ -12,6 +12,7 @@ from ivt_env.rewards import (
     ivt_reward,
     register_reward,
     reward_name,
+    reward_extras,
     sifthinker_reward,
     vlm_r1_iou,
 )
@@ -50,6 +51,41 @@ def test_sifthinker_correction_enhanced():
     assert per_step(sifthinker_reward, [0.3, 0.5, 0.8], [True] * 3) == pytest.approx([0, 0, 0.8 + 0.5])
     assert per_step(sifthinker_reward, [0.6, 0.5, 0.4], [True] * 3) == pytest.approx([0, 0, 0.4 - 0.2])
     assert per_step(sifthinker_reward, [1.0, 0.0], [True, False]) == pytest.approx([0, -1.0])
+
+
+SMALL, WHOLE = (100, 100, 300, 300), (0, 0, 1000, 1000)
+
+
+def test_sifthinker_s_init_is_the_first_box_not_covering_the_image():
+    # SIFThinker: B_ini = first box of the trajectory that does not cover the whole image
+    r = lambda ious, valids, boxes: sifthinker_reward(ious, valids, step=len(ious) - 1,  # noqa: E731
+                                                      max_steps=len(ious) - 1, boxes=boxes)
+    # invalid step 0: s_init is step 1's 0.5 -> 0.8 + 0.3 = 1.10 (step 0's 0 would give 1.60)
+    assert r([0.0, 0.5, 0.8], [False, True, True], [None, SMALL, SMALL]) == pytest.approx(1.10)
+    # whole-image step 0 (IoU 0.1) is skipped too
+    assert r([0.1, 0.5, 0.8], [True, True, True], [WHOLE, SMALL, SMALL]) == pytest.approx(1.10)
+    # no box before the end qualifies: s_init = s_end, no correction to pay for
+    assert r([0.1, 0.0, 0.8], [True, False, True], [WHOLE, None, SMALL]) == pytest.approx(0.8)
+    assert r([0.1, 0.1], [True, True], [WHOLE, WHOLE]) == pytest.approx(0.1)
+    # a qualifying step 0 is s_init as before
+    assert r([0.3, 0.5, 0.8], [True] * 3, [SMALL] * 3) == pytest.approx(1.3)
+    with pytest.raises(ValueError, match="boxes"):
+        r([0.3, 0.5], [True, True], [SMALL])
+
+
+def test_reward_extras_detected_from_the_signature():
+    def old_style(ious, valids, *, step, max_steps):
+        return 0.0
+
+    def with_boxes(ious, valids, *, step, max_steps, boxes):
+        return 0.0
+
+    def with_kwargs(ious, valids, **kw):  # a catch-all does not ask for boxes: only a named parameter does
+        return 0.0
+
+    assert reward_extras(old_style) == frozenset() and reward_extras(with_kwargs) == frozenset()
+    assert reward_extras(with_boxes) == {"boxes"} and reward_extras(sifthinker_reward) == {"boxes"}
+    assert reward_extras(ShapedReward()) == frozenset() and reward_extras(ivt_reward) == frozenset()
 
 
 def test_shaped_components_by_hand():
@@ -186,6 +222,31 @@ def test_custom_callable_sees_the_contract():
     assert rewards == [0.0, 1.0, 2.0]
     assert [c[2:] for c in calls] == [(0, 2), (1, 2), (2, 2)]
     assert calls[-1][0] == pytest.approx(IOUS) and calls[-1][1] == VALIDS
+
+
+def test_env_passes_boxes_to_a_reward_that_names_them():
+    # EPISODE: step 0 "[0, 0, 500, 500]" (IoU 1/7), step 1 invalid, step 2 the GT (IoU 1)
+    seen = []
+
+    def spy(ious, valids, *, step, max_steps, boxes):
+        seen.append(list(boxes))
+        return 0.0
+
+    run(GroundingRefineEnv(FakeDataset(), reward_fn=spy))
+    assert seen[-1] == [(0, 0, 500, 500), None, (250, 250, 750, 750)]
+    assert [len(b) for b in seen] == [1, 2, 3]
+    rewards, info = run(GroundingRefineEnv(FakeDataset(), reward_fn="sifthinker"))
+    assert info["boxes_norm"] == seen[-1]
+    assert rewards == pytest.approx([0, 0, 1 + (1 - 1 / 7)])
+    # a whole-image step 0 is not B_ini: s_init is then the final box's IoU (no correction term)
+    env = GroundingRefineEnv(FakeDataset(), reward_fn="sifthinker")
+    env.reset(options={"index": 0})
+    for text in ["[0, 0, 1000, 1000]", "nothing", "[250, 250, 750, 750]"]:
+        _, r, *_ = env.step(text)
+    assert r == pytest.approx(1.0)
+    # the wrapper passes them too
+    rewards, _ = run(ShapedRewardWrapper(GroundingRefineEnv(FakeDataset()), shaping="sifthinker", scale=1.0))
+    assert rewards[-1] == pytest.approx(1 + 0.1 * 2 / 3 + 1 + (1 - 1 / 7))
 
 
 def test_record_step_ious_wrapper():

@@ -134,3 +134,112 @@ def test_unbatch_info():
     assert unbatch_info(info, 0) == {"a": 1, "c": {"d": 0.5}}
     assert unbatch_info(info, 1) == {"a": 2, "b": (1, 2), "c": {"d": 1.5}}
     assert type(unbatch_info(info, 0)["a"]) is int
+
+
+def _async_vec(n=3):
+    import ivt_env  # noqa: F401
+
+    return gym.vector.AsyncVectorEnv(
+        [lambda: gym.make("IVT-Synthetic-v0", split="test", max_refine_steps=1) for _ in range(n)], context="fork"
+    )
+
+
+def test_owned_async_vector_env_closes_after_a_worker_died(caplog):
+    import logging
+    import os
+    import signal
+
+    from ivt_env.wrappers import close_vector_env
+
+    # Gymnasium's own close raises on a dead worker and leaves the others running: the behaviour we guard against
+    vec = _async_vec()
+    vec.reset(seed=0)
+    os.kill(vec.processes[1].pid, signal.SIGKILL)
+    vec.processes[1].join(5)
+    with pytest.raises((BrokenPipeError, EOFError, ConnectionError)):
+        vec.close()
+    lingering = [p for p in vec.processes if p.is_alive()]
+    assert lingering  # workers 0 and 2 never got joined
+    close_vector_env(vec)  # the robust close also mops up after a failed plain close
+    assert not any(p.is_alive() for p in vec.processes)
+
+    # a Collector that owns the vector env closes it without raising and stops every worker
+    vec = _async_vec()
+    collector = Collector(vec, own_envs=True)
+    trajs = collector.collect(RandomPolicy(), [0, 1, 2], group_size=1, seed=0)
+    assert len(trajs) == 3
+    os.kill(vec.processes[0].pid, signal.SIGKILL)
+    vec.processes[0].join(5)
+    with caplog.at_level(logging.WARNING, logger="ivt_env.wrappers"):
+        collector.close()
+    assert not any(p.is_alive() for p in vec.processes) and vec.closed
+    assert "close failed" in caplog.text and "-9" in caplog.text
+    close_vector_env(vec)  # closing again is a no-op
+
+
+def test_bad_record_at_reset_is_skipped_counted_and_named(caplog):
+    import logging
+
+    from ivt_env.datasets.base import DatasetError, ListDataset, Sample
+    from ivt_env.env import GroundingRefineEnv
+
+    calls = {"bad": 0}
+
+    def good(i):
+        return lambda: np.full((32, 32, 3), i, np.uint8)
+
+    def bad():
+        calls["bad"] += 1
+        raise DatasetError("sample s-1: cannot read image /data/s-1.jpg: OSError: image file is truncated")
+
+    samples = [Sample(f"s-{i}", f"thing {i}", (4.0, 4.0, 20.0, 20.0), 32, 32, "t", bad if i == 1 else good(i))
+               for i in range(4)]
+    samples.append(Sample("s-4", "x" * 5000, (4.0, 4.0, 20.0, 20.0), 32, 32, "t", good(4)))  # over the env's limit
+    ds = ListDataset(samples)
+    for make in (lambda: [GroundingRefineEnv(ds, max_refine_steps=1) for _ in range(3)],
+                 lambda: gym.vector.SyncVectorEnv([lambda: GroundingRefineEnv(ds, max_refine_steps=1)] * 3)):
+        calls["bad"] = 0
+        collector = Collector(make())
+        with caplog.at_level(logging.WARNING, logger="rollouts.collector"):
+            caplog.clear()
+            trajs = collector.collect(RandomPolicy(), [0, 1, 2, 4, 3], group_size=2, seed=0)
+        assert [t.sample_id for t in trajs] == ["s-0", "s-0", "s-2", "s-2", "s-3", "s-3"]
+        assert [t.group_id for t in trajs] == [0, 0, 2, 2, 4, 4]
+        assert [(s["index"], s["error"].split(":")[0]) for s in collector.last_skipped] == [(1, "DatasetError"),
+                                                                                            (4, "DatasetError")]
+        assert "/data/s-1.jpg" in collector.last_skipped[0]["error"]
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 2 and "/data/s-1.jpg" in lines[0] and "expression longer" in lines[1]
+        if hasattr(collector.slots, "envs"):  # list slots name the sample id too
+            assert "(s-1)" in lines[0]
+        # a later call skips the known-bad samples without loading them again, and counts them again
+        caplog.clear()
+        n_bad = calls["bad"]
+        trajs = collector.collect(RandomPolicy(), [1, 0], group_size=1, seed=0)
+        assert [t.sample_id for t in trajs] == ["s-0"] and [s["index"] for s in collector.last_skipped] == [1]
+        assert calls["bad"] == n_bad and not caplog.records
+        collector.close()
+
+
+def test_skipped_loader_record_is_named_with_its_file(tmp_path, caplog):
+    import logging
+
+    from ivt_env.datasets.images import FileImage
+    from ivt_env.datasets.records import RawRecord, RecordDataset
+    from ivt_env.env import GroundingRefineEnv
+    from tests.ivt_env.datasets import fixtures as fx
+
+    recs = []
+    for i in range(2):
+        p = tmp_path / f"img{i}.jpg"
+        p.write_bytes(fx.image_bytes(64, 48, (8, 8, 24, 24)))
+        recs.append(RawRecord(f"rec-{i}", "the red box", (8, 8, 24, 24), FileImage(str(p)), 64, 48))
+    ds = RecordDataset(recs, "files", "test")
+    data = (tmp_path / "img1.jpg").read_bytes()
+    (tmp_path / "img1.jpg").write_bytes(data[: len(data) // 3])  # damaged after loading
+    collector = Collector([GroundingRefineEnv(ds, max_refine_steps=0)])
+    with caplog.at_level(logging.WARNING, logger="rollouts.collector"):
+        trajs = collector.collect(RandomPolicy(), [0, 1], seed=0)
+    assert [t.sample_id for t in trajs] == ["rec-0"]
+    line = caplog.records[-1].getMessage()
+    assert f"(rec-1, image {tmp_path / 'img1.jpg'})" in line and "truncated" in line.lower()

@@ -240,3 +240,85 @@ def test_sinusoidal_number_embeddings(tmp_path):
         cos = float(torch.nn.functional.cosine_similarity(row(m), row(n), dim=0))
         assert cos == pytest.approx(float(np.cos(w * (m - n)).mean()), abs=1e-5)
     assert torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)  # tied: the output side too
+
+
+def test_base_model_appears_only_with_its_number_embeddings(tmp_path, monkeypatch):
+    """A kill between building the tiny base model and writing its number embeddings leaves no base/, so the next
+    run builds and initialises it again instead of silently training from random number embeddings."""
+    from agents.bc import setup as bc_setup
+    from agents.policies.tiny import build_tiny_model
+
+    cfg = _cfg(tmp_path / "run", number_init="sinusoidal")
+    real = bc_setup.init_number_embeddings
+
+    def killed(model_dir):
+        raise KeyboardInterrupt("killed while writing the number embeddings")
+
+    monkeypatch.setattr(bc_setup, "init_number_embeddings", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_policy(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "base").exists() and not list((tmp_path / "run").glob(".base.*"))
+    monkeypatch.setattr(bc_setup, "init_number_embeddings", real)
+    policy = build_policy(cfg, tmp_path / "run")
+    # the same weights as a fresh tiny model given sinusoidal number embeddings by hand
+    ref = build_tiny_model(tmp_path / "ref", seed=cfg.tiny_seed)
+    real(ref)
+    from agents.policies.vlm import VLMPolicy
+
+    want = dict(VLMPolicy.from_pretrained(str(ref)).hf_model.named_parameters())
+    got = dict(VLMPolicy.from_pretrained(str(tmp_path / "run" / "base")).hf_model.named_parameters())
+    assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    assert policy is not None
+
+
+def test_resume_without_checkpoint_and_used_out_give_one_line(tmp_path, capsys):
+    rc = main(["train", "--out", str(tmp_path / "empty"), "--resume", "--threads", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "no checkpoint under" in err and "Traceback" not in err
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "scalars.jsonl").write_text('{"step": 1}\n')
+    rc = main(["train", "--out", str(tmp_path / "used"), "--threads", "1"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--overwrite" in err and len(err.splitlines()) == 1
+
+
+def test_teacher_data_folder_works_with_the_default_config(tmp_path, capsys):
+    """`agents.bc train --data DIR` with the default (CPU) config: its online-only phases are switched off with a
+    note instead of failing validation."""
+    data = tmp_path / "teacher"
+    run(_synth(limit=8, out=str(data), chunk_size=8))
+    capsys.readouterr()
+    rc = main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--threads", "1", "--max-steps", "1",
+               "--batch-size", "4", "--eval-at-start", "False", "--eval-limit", "1", "--eval-batch", "1",
+               "--eval-max-new-tokens", "4", "--progress", "False"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "online-only options {'grounding_mix': 0.5, 'grounding_only_steps': 3600, 'localize_steps': 800}" in err
+    assert (tmp_path / "run" / "checkpoints" / "iter_000001").is_dir()
+
+
+def test_resume_after_a_kill_logs_each_step_once_in_tensorboard(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from agents.bc import trainer as bc_module
+
+    real = bc_module.save_checkpoint
+
+    def dies_at_3(directory, **kw):
+        if kw["state"]["step"] == 3:  # step 3 is logged (and evaluated), its checkpoint never lands
+            raise KeyboardInterrupt("killed")
+        return real(directory, **kw)
+
+    cfg = dict(max_steps=3, save_every=2, eval_every=2)
+    monkeypatch.setattr(bc_module, "save_checkpoint", dies_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path / "run", **cfg))
+    monkeypatch.setattr(bc_module, "save_checkpoint", real)
+    assert train(_cfg(tmp_path / "run", resume=True, **cfg))["steps"] == 3
+    ea = EventAccumulator(str(tmp_path / "run"))
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("train/loss")] == [1, 2, 3]
+    assert [e.step for e in ea.Scalars("eval/acc@0.5")] == [2, 3]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "scalars.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]

@@ -132,3 +132,76 @@ def test_mismatch_errors_name_the_file(tmp_path):
         load_checkpoint(tmp_path / "nope")
     with pytest.raises(TypeError, match="not JSON"):
         save_checkpoint(tmp_path / "c2", state={"x": object()})
+
+
+def test_unreadable_and_hostile_checkpoint_files_are_named(tmp_path):
+    import pickle
+
+    pol, opt, sched = _make()
+    d = save_checkpoint(tmp_path / "c", policy=pol, optimizer=opt, scheduler=sched, state={})
+    (d / "optimizer.pt").write_bytes((d / "optimizer.pt").read_bytes()[:40])  # cut short
+    with pytest.raises(CheckpointError, match=r"optimizer\.pt: unreadable checkpoint file"):
+        load_checkpoint(d, policy=pol, optimizer=opt)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    (d / "trainable.pt").write_bytes(pickle.dumps(Evil()))  # weights_only refuses it, and we say which file
+    with pytest.raises(CheckpointError, match=r"trainable\.pt: unreadable checkpoint file \(UnpicklingError"):
+        load_checkpoint(d, policy=pol)
+    (d / "state.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"state\.json: unreadable checkpoint state"):
+        load_checkpoint(d)
+
+
+def test_apply_schedule_rebuilds_the_lr_for_a_longer_run():
+    import math
+
+    from agents.common.checkpoint import apply_schedule
+
+    def cosine(total):
+        return lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s / total, 1.0)))
+
+    pol = TinyPolicy()
+    opt = torch.optim.AdamW(pol.trainable_parameters(), lr=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(4))
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1e-4, 8.5355e-5, 5e-5, 1.4645e-5], rel=1e-4)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-20)  # where the 4-step run ended
+    state = sched.state_dict()
+    opt2 = torch.optim.AdamW(pol.trainable_parameters(), lr=1e-4)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, cosine(6))  # the run extended to 6 steps
+    opt2.load_state_dict(opt.state_dict())  # load_checkpoint's order: optimizer, then scheduler
+    sched2.load_state_dict(state)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-20)  # the bug: step 5 would train at lr 0
+    apply_schedule(opt2, sched2)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.5 * (1 + math.cos(math.pi * 4 / 6)))  # 2.5e-5
+    assert sched2.get_last_lr() == [opt2.param_groups[0]["lr"]]
+    # an unchanged run gets exactly the value its schedule had set (resumes stay bit-identical)
+    sched3 = torch.optim.lr_scheduler.LambdaLR(opt2, cosine(4))
+    sched3.load_state_dict(state)
+    apply_schedule(opt2, sched3)
+    assert opt2.param_groups[0]["lr"] == 1e-4 * cosine(4)(4)
+
+
+def test_clean_interrupted_saves(tmp_path):
+    from agents.common.checkpoint import clean_interrupted_saves
+
+    save_checkpoint(checkpoint_dir(tmp_path, 2), state={"iteration": 2})
+    (tmp_path / "checkpoints" / ".iter_000003.tmp-abc123").mkdir()  # killed mid-save
+    (tmp_path / "checkpoints" / ".iter_000003.tmp-abc123" / "trainable.pt").write_bytes(b"x")
+    (tmp_path / ".best.tmp-zz").mkdir()
+    old = tmp_path / ".best.old-4242"  # killed between moving the old best aside and moving the new one in
+    save_checkpoint(old, state={"iteration": 1})
+    (tmp_path / "notes.txt").write_text("mine")
+    done = clean_interrupted_saves(tmp_path)
+    assert len(done) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "checkpoints", "notes.txt"]
+    assert json.loads((tmp_path / "best" / "state.json").read_text()) == {"iteration": 1}
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["iter_000002"]
+    assert clean_interrupted_saves(tmp_path) == []

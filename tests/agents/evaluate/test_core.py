@@ -95,3 +95,16 @@ def test_help_lists_every_option():
     for opt in ("--env", "--policy", "--policy-kwargs", "--model", "--steps", "--split", "--limit", "--out", "--seed",
                 "--group-size", "--greedy", "--data-root", "--num-envs", "--strips", "--config"):
         assert opt in r.stdout, opt
+
+
+def test_dataset_loads_once_for_all_envs(tmp_path, caplog):
+    import logging
+
+    from tests.ivt_env.datasets import fixtures as fx
+
+    root = fx.write_refl4(str(tmp_path), bad=True)
+    with caplog.at_level(logging.WARNING, logger="ivt_env.datasets"):
+        m = evaluate(OraclePolicy(), "IVT-RefL4-v0", split="test", steps=0, num_envs=4, data_root=root, num_strips=0)
+    assert m["n"] == 10  # the fixture's 10 usable test records
+    dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(dropped) == 1 and "refl4-201" in dropped[0] and "bad_missing.jpg" in dropped[0]

@@ -78,3 +78,84 @@ def test_torchrun_two_ranks_identical_parameters(tmp_path):
     # and the update did something: the LoRA B matrices (half of the LoRA tensors) start at zero
     params = torch.load(latest_checkpoint(out) / "trainable.pt", weights_only=True)
     assert sum(int(p.abs().sum() == 0) for p in params) < len(params) // 2
+
+
+# ------------------------------------------------------------------ token counts across ranks (unequal lengths)
+class _TokenPolicy:
+    """A policy of one learnable logit vector: token k of any trajectory has log-prob log_softmax(w)[k]."""
+
+    def __init__(self):
+        self.w = torch.nn.Parameter(torch.tensor([0.3, -0.2, 0.5, 0.0, -0.4]))
+        self.w_ref = torch.tensor([0.1, 0.0, 0.2, -0.1, 0.0])
+
+    def token_logprobs(self, trajs, *, reference=False, grad=True):
+        from agents.policies.base import TokenLogprobs
+
+        with torch.set_grad_enabled(grad and not reference):
+            logp = torch.log_softmax(self.w_ref if reference else self.w, dim=0)  # (V,)
+            ent = -(logp.exp() * logp).sum()
+            ids = [[k for s in t.steps for k in s.token_ids] for t in trajs]
+            L = max(len(x) for x in ids)
+            lp = torch.stack([torch.stack([logp[x[j]] if j < len(x) else logp[0] * 0 for j in range(L)]) for x in ids])
+            mask = torch.tensor([[j < len(x) for j in range(L)] for x in ids])
+            return TokenLogprobs(logprobs=lp, entropy=ent.expand(lp.shape) * 1.0, mask=mask)
+
+    def trainable_parameters(self):
+        return [self.w]
+
+
+def _token_trajs(lengths, advs_seed):
+    from rollouts.types import Step, Trajectory
+
+    out = []
+    for i, n in enumerate(lengths):
+        ids = [(i + 2 * j) % 5 for j in range(n)]
+        steps = [Step(t=0, text="", valid=True, iou=0.0, token_ids=ids[:1], logprobs=[0.0]),
+                 Step(t=1, text="", valid=True, iou=0.0, token_ids=ids[1:], logprobs=[0.0] * (n - 1))]
+        out.append(Trajectory(sample_id=f"s{advs_seed}-{i}", dataset="x", expression="", gt_box=[0, 0, 1, 1],
+                              width=1, height=1, steps=steps))
+    return out
+
+
+# rank 0: 6 generated tokens, rank 1: 10 -> with per-rank denominators tokens weighed 1/12 and 1/20, not 1/16
+RANK_LENGTHS = ([1, 2, 3], [4, 5, 1])
+RANK_ADV = ([1.0, -0.5, 0.25], [-1.0, 0.75, 0.5])
+AGGS = ("token_mean", "seq_mean", "seq_sum_norm")
+
+
+def _grad_after_update(trajs, adv, aggregation):
+    from agents.grpo.update import policy_update
+
+    pol = _TokenPolicy()
+    opt = torch.optim.SGD(pol.trainable_parameters(), lr=1.0)  # w_new = w - grad
+    w0 = pol.w.detach().clone()
+    policy_update(pol, opt, trajs, torch.tensor(adv), grad_accum=2, beta=0.04, entropy_coef=0.01,
+                  aggregation=aggregation, norm_len=7.0, max_grad_norm=0.0)
+    return w0 - pol.w.detach()
+
+
+def _token_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        trajs = _token_trajs(RANK_LENGTHS[rank], rank)
+        grads = {a: _grad_after_update(trajs, RANK_ADV[rank], a) for a in AGGS}
+        torch.save(grads, os.path.join(out_dir, f"g{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_unequal_lengths_give_the_one_process_full_batch_gradient(tmp_path):
+    mp.spawn(_token_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    g0, g1 = (torch.load(tmp_path / f"g{r}.pt", weights_only=True) for r in (0, 1))
+    full = _token_trajs(RANK_LENGTHS[0], 0) + _token_trajs(RANK_LENGTHS[1], 1)
+    for a in AGGS:
+        want = _grad_after_update(full, RANK_ADV[0] + RANK_ADV[1], a)  # one process, the whole batch
+        assert torch.equal(g0[a], g1[a])
+        assert torch.allclose(g0[a], want, atol=1e-7, rtol=1e-6), (a, g0[a], want)
+    # the per-rank token_mean denominators would differ from it
+    naive = (_grad_after_update(_token_trajs(RANK_LENGTHS[0], 0), RANK_ADV[0], "token_mean")
+             + _grad_after_update(_token_trajs(RANK_LENGTHS[1], 1), RANK_ADV[1], "token_mean")) / 2
+    assert not torch.allclose(naive, g0["token_mean"], atol=1e-4)

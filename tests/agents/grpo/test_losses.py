@@ -1,4 +1,6 @@
-"""IVT Eq. 2 against an independent per-token computation in plain Python on fixed log-prob tensors."""
+"""IVT Eq. 2 against an independent per-token computation in plain Python on fixed log-prob tensors: the loss and
+its gradient for every aggregation (token_mean = TRL dapo, seq_mean = TRL grpo, seq_sum_norm = TRL dr_grpo) and both
+entropy aggregations."""
 
 import math
 
@@ -26,7 +28,7 @@ def _tensors():
     return logp, mask, adv, torch.tensor(REF, dtype=torch.float64), torch.tensor(ENT, dtype=torch.float64)
 
 
-def _reference_loss(adv, aggregation, beta, lam, kl="abs"):
+def _reference_loss(adv, aggregation, beta, lam, kl="abs", entropy_aggregation="token_mean", norm_len=8):
     """Independent route: explicit loops over tokens of each trajectory."""
     terms = []  # per trajectory: list of per-token (pg, kl, ent)
     for i, n in enumerate(LENS):
@@ -36,26 +38,64 @@ def _reference_loss(adv, aggregation, beta, lam, kl="abs"):
             k = abs(lp - rf) if kl == "abs" else math.exp(rf - lp) - (rf - lp) - 1
             row.append((-lp * adv[i], k, h))
         terms.append(row)
+    flat = [x for row in terms for x in row]
+    tok = [sum(x[j] for x in flat) / len(flat) for j in range(3)]
     if aggregation == "token_mean":
-        flat = [x for row in terms for x in row]
-        pg, k, h = (sum(x[j] for x in flat) / len(flat) for j in range(3))
-    else:  # seq_mean
+        pg, k, h = tok
+    elif aggregation == "seq_mean":
         per = [[sum(x[j] for x in row) / len(row) for j in range(3)] for row in terms]
         pg, k, h = (sum(p[j] for p in per) / len(per) for j in range(3))
+    else:  # seq_sum_norm: sum over each trajectory's tokens / norm_len, mean over trajectories
+        pg, k, h = (sum(x[j] for x in flat) / (len(terms) * norm_len) for j in range(3))
+    if entropy_aggregation == "token_mean":
+        h = tok[2]
     return pg + beta * k - lam * h, pg, k, h
 
 
-@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
+def _reference_grads(adv, aggregation, beta, lam, kl, entropy_aggregation, norm_len=8):
+    """d loss / d logp and d loss / d entropy per token, from the formulas: weight w_it of token t of trajectory i
+    (token_mean 1/T, seq_mean 1/(B L_i), seq_sum_norm 1/(B norm_len)) times (-A_i + beta dKL/dlogp)."""
+    B, T = len(LENS), sum(LENS)
+    g_lp = [[0.0] * 4 for _ in LENS]
+    g_h = [[0.0] * 4 for _ in LENS]
+    for i, n in enumerate(LENS):
+        w = {"token_mean": 1 / T, "seq_mean": 1 / (B * n), "seq_sum_norm": 1 / (B * norm_len)}[aggregation]
+        w_h = 1 / T if entropy_aggregation == "token_mean" else w
+        for t in range(n):
+            lp, rf = LOGP[i][t], REF[i][t]
+            # d|x|/dx: sign(x), 0 at x = 0 (torch's subgradient; tokens 0,2 and 2,0 have logp == ref)
+            dk = float((lp > rf) - (lp < rf)) if kl == "abs" else 1.0 - math.exp(rf - lp)
+            g_lp[i][t] = w * (-adv[i] + beta * dk)
+            g_h[i][t] = -lam * w_h
+    return torch.tensor(g_lp, dtype=torch.float64), torch.tensor(g_h, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("entropy_aggregation", ["token_mean", "loss"])
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean", "seq_sum_norm"])
 @pytest.mark.parametrize("kl", ["abs", "k3"])
-def test_loss_equals_independent_computation(aggregation, kl):
-    logp, mask, adv, ref, ent = _tensors()
-    assert adv.tolist() == [1.0, -1.0, 0.0, 0.0, 0.0, 0.0]
-    out = grpo_loss(logp, mask, adv, ref_logprobs=ref, entropy=ent, beta=0.04, entropy_coef=0.01,
-                    kl_estimator=kl, aggregation=aggregation)
-    loss, pg, k, h = _reference_loss(adv.tolist(), aggregation, 0.04, 0.01, kl)
+def test_gradient_equals_independent_computation(aggregation, kl, entropy_aggregation):
+    logp, mask, _, ref, ent = _tensors()
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.25, 0.0, 2.0], dtype=torch.float64)  # all rows carry signal
+    ent = ent.clone().requires_grad_(True)
+    out = grpo_loss(logp, mask, adv, ref_logprobs=ref, entropy=ent, beta=0.04, entropy_coef=0.01, kl_estimator=kl,
+                    aggregation=aggregation, norm_len=8, entropy_aggregation=entropy_aggregation)
+    loss, pg, k, h = _reference_loss(adv.tolist(), aggregation, 0.04, 0.01, kl, entropy_aggregation)
     assert out.loss.item() == pytest.approx(loss, abs=1e-12)
     assert (out.pg, out.kl, out.entropy) == pytest.approx((pg, k, h), abs=1e-12)
-    assert out.num_tokens == sum(LENS)
+    out.loss.backward()
+    g_lp, g_h = _reference_grads(adv.tolist(), aggregation, 0.04, 0.01, kl, entropy_aggregation)
+    assert torch.allclose(logp.grad, g_lp, atol=1e-15) and torch.allclose(ent.grad, g_h, atol=1e-15)
+
+
+def test_entropy_bonus_keeps_its_strength_under_seq_sum_norm():
+    # TRL: the entropy bonus is the mean per-token entropy for every loss type; aggregated like a seq_sum_norm loss
+    # it would shrink by mean length / norm_len (here 2.5 / 8)
+    logp, mask, adv, ref, ent = _tensors()
+    kw = dict(beta=0.0, entropy_coef=1.0, aggregation="seq_sum_norm", norm_len=8)
+    tok = grpo_loss(logp, mask, adv, entropy=ent, **kw).entropy
+    as_loss = grpo_loss(logp, mask, adv, entropy=ent, entropy_aggregation="loss", **kw).entropy
+    assert tok == pytest.approx(float(ent[mask].mean()))
+    assert as_loss == pytest.approx(tok * (sum(LENS) / len(LENS)) / 8)
 
 
 def test_token_mean_by_hand_and_gradient():

@@ -150,3 +150,121 @@ def test_missing_start_checkpoint_and_resume_errors(tiny_model, tmp_path):
 
     assert train_argv(["--resume", "--out", "x"], GRPOConfig, "grpo_cpu.yaml") == [
         "--config", "grpo_cpu.yaml", "--resume", "True", "--out", "x"]
+
+
+# ------------------------------------------------------------------------ a bad record met at reset, mid-run
+BAD_RECORD = {"index": None}
+
+
+class _OneBadRecord:
+    """The synthetic train split with one sample whose image cannot be read (what the loader could not catch)."""
+
+    def __init__(self, inner, bad):
+        self._inner, self._bad = inner, bad
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def __len__(self):
+        return len(self._inner)
+
+    def __getitem__(self, i):
+        s = self._inner[i]
+        if i != self._bad:
+            return s
+
+        def broken():
+            from ivt_env.datasets.base import DatasetError
+
+            raise DatasetError(f"sample {s.sample_id}: cannot read image /data/broken.jpg: image file is truncated")
+
+        return dataclasses.replace(s, load_image=broken)
+
+
+def one_bad_record_env(split="train", **kw):
+    from ivt_env.datasets import SyntheticDataset
+    from ivt_env.env import GroundingRefineEnv
+
+    ds = SyntheticDataset(split=split)
+    if split == "train" and BAD_RECORD["index"] is not None:
+        ds = _OneBadRecord(ds, BAD_RECORD["index"])
+    kw.pop("data_root", None)
+    return GroundingRefineEnv(ds, **kw)
+
+
+def test_resume_extends_purges_tensorboard_and_skips_bad_records(tiny_model, tmp_path, monkeypatch, caplog):
+    import logging
+    import math
+
+    import gymnasium as gym
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from agents.common.seeding import derive_seed
+    from agents.grpo.setup import sample_prompts
+
+    if "IVTTest-OneBadRecord-v0" not in gym.registry:
+        gym.register("IVTTest-OneBadRecord-v0", entry_point=one_bad_record_env)
+    # the bad sample is one of iteration 3's prompts: met after the kill, by the resumed run
+    monkeypatch.setitem(BAD_RECORD, "index", sample_prompts(4, 2, derive_seed(0, 0, 2, 1))[0])
+    kw = dict(iterations=3, eval_every=2, eval_limit=2, advantage="grpo", lr_schedule="cosine", save_every=2,
+              env_id="IVTTest-OneBadRecord-v0", train_limit=4)
+    with caplog.at_level(logging.WARNING, logger="rollouts.collector"):
+        grpo.train(_cfg(tiny_model, tmp_path / "full", **kw))
+    assert "/data/broken.jpg" in caplog.text and f"skipped sample {BAD_RECORD['index']}" in caplog.text
+
+    # killed while saving iteration 3's checkpoint: step 3's scalars and events are already written
+    real_save = grpo._save
+
+    def dies_saving_3(run_dir, cfg, policy, optimizer, scheduler, state, dist, directory=None):
+        if directory is None and state["iteration"] == 3:
+            (Path(run_dir) / "checkpoints" / ".iter_000003.tmp-killed").mkdir()
+            raise KeyboardInterrupt("killed")
+        return real_save(run_dir, cfg, policy, optimizer, scheduler, state, dist, directory)
+
+    monkeypatch.setattr(grpo, "_save", dies_saving_3)
+    with pytest.raises(KeyboardInterrupt):
+        grpo.train(_cfg(tiny_model, tmp_path / "killed", **kw))
+    assert latest_checkpoint(tmp_path / "killed").name == "iter_000002"
+    monkeypatch.setattr(grpo, "_save", real_save)
+    assert grpo.train(_cfg(tiny_model, tmp_path / "killed", resume=True, **kw))["iterations"] == 3
+    assert not list((tmp_path / "killed" / "checkpoints").glob(".iter_*"))  # the interrupted save is gone
+
+    # bit-identical to the uninterrupted run, the bad record skipped in both, each step logged once everywhere
+    (s_full, p_full, o_full), (s_res, p_res, o_res) = _final(tmp_path / "full"), _final(tmp_path / "killed")
+    assert s_full["evals"] == s_res["evals"]
+    assert all(torch.equal(a, b) for a, b in zip(p_full, p_res))
+    for run in ("full", "killed"):
+        rows = read_scalars(tmp_path / run)
+        assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
+        assert [r["rollout/skipped_samples"] for r in rows if "rollout/skipped_samples" in r][2] == 1.0
+        ea = EventAccumulator(str(tmp_path / run))
+        ea.Reload()
+        assert [e.step for e in ea.Scalars("train/loss")] == [1, 2, 3]  # TensorBoard purged the killed run's 3
+        assert [e.step for e in ea.Scalars("eval/return_mean")] == [0, 2, 3]
+        assert [e.value for e in ea.Scalars("rollout/skipped_samples")][2] == 1.0
+
+    # extending the finished run: the schedule is rebuilt for 4 iterations, the new iteration does not train at 0
+    grpo.train(_cfg(tiny_model, tmp_path / "full", **{**kw, "iterations": 4, "resume": True}))
+    lrs = {r["step"]: r["train/lr"] for r in read_scalars(tmp_path / "full") if "train/lr" in r}
+    assert lrs[3] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 2 / 3)))  # the 3-iteration schedule
+    assert lrs[4] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 3 / 4))) and lrs[4] > 1e-3
+
+
+def test_used_out_folder_is_refused_or_overwritten(tiny_model, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "scalars.jsonl").write_text('{"step": 1, "train/loss": 9.0}\n')  # a run killed before its checkpoint
+    (out / "mine.txt").write_text("not a run file")
+    with pytest.raises(FileExistsError, match=r"logs of an earlier run \(scalars.jsonl\): pass --resume .* "
+                                              r"--overwrite"):
+        grpo.train(_cfg(tiny_model, out))
+    rc = grpo.main(["train", "--init-from", tiny_model, "--out", str(out), "--iterations", "1"])
+    assert rc == 2
+    grpo.train(_cfg(tiny_model, out, overwrite=True))
+    rows = read_scalars(out)
+    assert [r["step"] for r in rows if "train/loss" in r] == [1] and all(r.get("train/loss") != 9.0 for r in rows)
+    assert (out / "mine.txt").read_text() == "not a run file"
+    with pytest.raises(FileExistsError, match="already holds checkpoints"):
+        grpo.train(_cfg(tiny_model, out))
+    with pytest.raises(ValueError, match="not both"):
+        grpo.train(_cfg(tiny_model, out, overwrite=True, resume=True))

@@ -188,3 +188,15 @@ def test_vlm_teacher_and_student_plumbing(tmp_path):
     assert clean_reasoning("<think>The box [1, 2, 3, 4] is {\"bbox_2d\": [1,2,3,4]} too far left.</think>") == (
         "The box is too far left.")
     assert clean_reasoning("One. Two. Three is long", max_chars=10) == "One. Two."
+
+
+def test_old_command_name_still_works():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    out = subprocess.run([sys.executable, "-m", "rollouts.synthesize", "--help"], cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "python -m agents.synthesis" in out.stdout and "now `python -m agents.synthesis`" in out.stderr

@@ -93,14 +93,99 @@ def test_without_image_checks_problems_surface_at_load_time(bad_root):
         by_id["refl4-211"].load_image()
 
 
-def test_full_check_catches_truncated_files(tmp_path):
+def test_default_and_full_checks_catch_truncated_files(tmp_path, caplog):
     root = fx.write_refl4(str(tmp_path))
     path = tmp_path / "refl4" / "images" / "objects365_v2_00007001.jpg"
     data = path.read_bytes()
     path.write_bytes(data[: data.find(b"\xff\xda") + 30])  # header up to the scan start intact, pixels cut
-    assert len(load_dataset("refl4", "test", data_root=root)) == 2  # the header probe cannot tell
-    ds = load_dataset("refl4", "test", data_root=root, check_images="full")
-    assert ds.bad_counts == {"unreadable image": 1} and ds.sample_ids == ["refl4-100"]
+    for check in (True, "full"):  # the default check reads the file's end too: no JPEG end marker -> decoded
+        with caplog.at_level(logging.WARNING, logger="ivt_env.datasets"):
+            ds = load_dataset("refl4", "test", data_root=root, check_images=check)
+        assert ds.bad_counts == {"unreadable image": 1} and ds.sample_ids == ["refl4-100"]
+        assert "refl4-101" in caplog.text and "objects365_v2_00007001.jpg" in caplog.text and "truncated" in caplog.text
+    # a whole JPEG padded after its end marker (some cameras do) still passes the default check
+    path.write_bytes(data + b"\0" * 10000)
+    assert len(load_dataset("refl4", "test", data_root=root)) == 2
+
+
+def _one_record_dataset(tmp_path, expression="the red box", *, size=(64, 48), **kwargs):
+    from ivt_env.datasets.records import RawRecord, RecordDataset
+
+    p = tmp_path / "one.jpg"
+    p.write_bytes(fx.image_bytes(*size, (8, 8, 24, 24)))
+    rec = RawRecord("rec-1", expression, (8, 8, 24, 24), FileImage(str(p)), *size)
+    return RecordDataset([rec], "one", "test", **kwargs)
+
+
+def test_caption_length_limit_is_an_option(tmp_path, caplog):
+    long = "a red box " * 5000  # 50,000 characters: the env's observation space holds 4,096
+    with caplog.at_level(logging.WARNING, logger="ivt_env.datasets"):
+        ds = _one_record_dataset(tmp_path, long)
+    assert len(ds) == 0 and ds.bad_counts == {"expression too long": 1}
+    assert "rec-1" in caplog.text and "50000 characters, max_expression_chars=4096" in caplog.text
+    with pytest.raises(DatasetError, match=r"bad record rec-1 .*expression too long: 50000 characters"):
+        _one_record_dataset(tmp_path, long, on_bad_sample="raise")
+    assert len(_one_record_dataset(tmp_path, "x" * 4096)) == 1  # the bound itself is fine
+    assert _one_record_dataset(tmp_path, "x" * 100, max_expression_chars=99).bad_counts == {"expression too long": 1}
+
+
+def test_raise_on_empty_caption_names_the_record(tmp_path):
+    import pyarrow.parquet as pq
+
+    root = fx.write_refl4(str(tmp_path))
+    path = tmp_path / "refl4" / "ref-l4-test.parquet"
+    cols = pq.read_table(path).to_pydict()
+    cols["caption"][1] = "   "
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pydict(cols), path)
+    with pytest.raises(DatasetError, match=r"'empty expression': 1 \(e\.g\. refl4-101 \(image .*objects365_v2_00007001"
+                                           r"\.jpg\)\)"):
+        load_dataset("refl4", "test", data_root=root, on_bad_sample="raise")
+    ds = load_dataset("refl4", "test", data_root=root)
+    assert ds.bad_counts == {"empty expression": 1}
+    assert ds.bad_examples["empty expression"][0].startswith("refl4-101 (image ")
+
+
+def test_skip_report_names_the_missing_file(bad_root, caplog):
+    with caplog.at_level(logging.WARNING, logger="ivt_env.datasets"):
+        ds = load_dataset("refl4", "test", data_root=bad_root)
+    line = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
+    assert len(line) == 1
+    assert "refl4-201" in line[0] and "bad_missing.jpg" in line[0] and "image file not found" in line[0]
+    assert any("bad_missing.jpg" in e for e in ds.bad_examples["unreadable image"])
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR only: PIL reads the size from it without any pixel data (a cheap 'bomb')."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def test_decompression_bomb_is_named_and_the_limit_is_an_option(tmp_path, caplog):
+    from ivt_env.datasets.records import RawRecord, RecordDataset
+
+    p = tmp_path / "huge.png"
+    p.write_bytes(_png_header(20000, 10000))  # 200 megapixels > PIL's 178,956,970
+    rec = RawRecord("huge-1", "the red box", (8, 8, 24, 24), FileImage(str(p)), 20000, 10000)
+    with caplog.at_level(logging.WARNING, logger="ivt_env.datasets"):
+        ds = RecordDataset([rec], "one", "test")
+    assert ds.bad_counts == {"image over pixel limit": 1}
+    assert "huge-1" in caplog.text and "200,000,000 pixels is over the decompression-bomb limit of 178,956,970" \
+        in caplog.text and "max_image_pixels" in caplog.text
+    # the option: a lower limit drops a small image, and loading obeys the same limit
+    assert _one_record_dataset(tmp_path, max_image_pixels=1000).bad_counts == {"image over pixel limit": 1}
+    ok = _one_record_dataset(tmp_path, max_image_pixels=64 * 48)
+    assert len(ok) == 1 and ok[0].load_image().shape == (48, 64, 3)
+    lazy = _one_record_dataset(tmp_path, check_images=False, max_image_pixels=1000)
+    with pytest.raises(DatasetError, match=r"rec-1: cannot read image .*one\.jpg: 64x48 = 3,072 pixels is over"):
+        lazy[0].load_image()
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))

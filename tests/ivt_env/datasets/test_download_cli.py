@@ -129,3 +129,29 @@ def test_cli_info_synthetic_text(capsys):
     assert main(["info", "synthetic", "--split", "val", "--show", "2"]) == 0
     out = capsys.readouterr().out
     assert "synthetic/val: 200 samples" in out and "synthetic-val-000001" in out
+
+
+def test_cli_info_lists_every_split_including_all(tmp_path, capsys):
+    from ivt_env.datasets import dataset_splits
+
+    assert dataset_splits("refadv") == ("train", "val", "test", "all")
+    assert dataset_splits("Ref-Adv-s") == ("train", "val", "test", "all")
+    assert dataset_splits("synthetic") == ("train", "val", "test")
+    root = fx.write_refadv(str(tmp_path), n_rows=24)
+    assert main(["info", "refadv", "--root", root, "--json"]) == 0
+    splits = json.loads(capsys.readouterr().out)["splits"]
+    assert list(splits) == ["train", "val", "test", "all"]
+    assert splits["all"]["samples"] == 24 == sum(splits[s]["samples"] for s in ("train", "val", "test"))
+    with pytest.raises(SystemExit):
+        main(["info", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "refadv: train, val, test, all" in out
+
+
+def test_cli_info_names_the_dropped_records(tmp_path, capsys):
+    root = fx.write_refl4(str(tmp_path), bad=True)
+    assert main(["info", "refl4", "--root", root, "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    assert "dropped 5" in out
+    line = next(ln for ln in out.splitlines() if ln.strip().startswith("unreadable image:"))
+    assert "refl4-200" in line and "bad_garbage.jpg" in line and "refl4-201" in line and "bad_missing.jpg" in line

@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from agents.reproduce.rows import PAPER, ROWS, findings
+from agents.reproduce.run import main
+
+
+def test_findings_by_hand():
+    rows = {"base_single_shot": {"acc@0.5": 0.40}, "base_ivt": {"acc@0.5": 0.30},
+            "sft_ivt": {"acc@0.5": 0.45, "degradation_rate": 0.40}, "sft_grpo_ivt": {"degradation_rate": 0.21}}
+    got = {f["finding"][0]: f["holds"] for f in findings(rows)}
+    assert got == {"a": True, "b": True, "c": False}  # 0.21 > 0.5 * 0.40
+    rows["sft_grpo_ivt"]["degradation_rate"] = 0.20
+    rows["base_ivt"]["acc@0.5"] = 0.36  # 0.36 is not below 0.40 - 0.05
+    got = {f["finding"][0]: f["holds"] for f in findings(rows)}
+    assert got == {"a": False, "b": False, "c": True}
+    # the paper's own figures show all three: 0.487 < 0.796 - 0.05; 0.820 > 0.487 + 0.1; 0.248 <= 0.5 x 0.634
+    assert [f["holds"] for f in findings(PAPER)] == [True, True, True]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from agents.policies.tiny import build_tiny_model
+
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    build_tiny_model(str(out), seed=0)
+    return str(out)
+
+
+def test_reproduce_end_to_end_on_given_checkpoints(tiny_model, tmp_path):
+    out = tmp_path / "repro"
+    args = ["--out", str(out), "--limit", "3", "--progress", "False", "--strips", "1"]
+    for flag in ("--base-model", "--sft-model", "--grpo-model", "--grpo-single-model"):
+        args += [flag, tiny_model]
+    assert main(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["rows"]) == {r.name for r in ROWS}
+    for row in ROWS:
+        r = results["rows"][row.name]
+        assert len(r["iou_step"]) == row.steps + 1 and r["n"] == 3
+        assert set(r) >= {"acc@0.5", "acc@0.7", "acc@0.9", "miou", "delta", "improve_rate", "stagnation_rate",
+                          "degradation_rate"}
+    assert results["paper"]["sft_ivt"]["degradation_rate"] == pytest.approx(0.634)
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html and "Table 2" in html  # self-contained: the figure is inline
+    assert (out / "iou_per_step.png").stat().st_size > 1000
+    assert "| SFT + IVT | paper |" in (out / "report.md").read_text()
+
+
+def test_missing_checkpoint_is_one_clear_line(tmp_path, capsys):
+    args = ["--out", str(tmp_path / "r"), "--from-shipped", "--base-model", str(tmp_path / "nope")]
+    assert main(args) == 2
+    assert "base checkpoint" in capsys.readouterr().err
