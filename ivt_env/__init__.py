@@ -13,6 +13,11 @@ id                     dataset      note
 ``IVT-Mix-v0``         mix          the paper's balanced 1:1:1 benchmark
 =====================  ===========  =============================================================
 
+Multi-object grounding (SIFThinker's extension of the loop; :data:`MULTI_ENV_DATASETS`):
+``IVT-SyntheticMulti-v0`` (dataset ``synthetic_multi``): expressions naming one to three objects, a step answers a
+list of boxes, scored with HIoU (``ivt_env.boxes.hiou``); reward ``hiou`` by default; depth maps on request
+(``depth_observation=True``, reward ``depth``).
+
 Keyword arguments (``gym.make(id, split=..., max_refine_steps=..., reward_fn=..., data_root=..., ...)``) are those
 of :class:`ivt_env.env.GroundingRefineEnv`. :func:`make_env` is the thunk builder every command of the project uses.
 """
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 from gymnasium.envs.registration import register, registry
 
-from ivt_env.boxes import ParsedBox, format_box, giou, iou, parse_box, to_norm, to_pixels
+from ivt_env.boxes import ParsedBox, format_box, giou, hiou, iou, parse_box, to_norm, to_pixels
 from ivt_env.env import GroundingRefineEnv
 from ivt_env.rendering import Overlay, OverlayStyle, draw_box
 from ivt_env.rewards import REWARDS, get_reward, ivt_reward, register_reward
@@ -35,6 +40,11 @@ ENV_DATASETS = {
     "IVT-Mix-v0": "mix",
 }
 
+MULTI_ENV_DATASETS = {
+    "IVT-SyntheticMulti-v0": "synthetic_multi",
+}
+ENV_DEFAULTS = {"IVT-SyntheticMulti-v0": {"reward_fn": "hiou"}}  # gym.make keyword arguments override them
+
 from ivt_env.make import load_env_dataset, make_env  # noqa: E402  (after ENV_DATASETS, which it reads)
 
 for _env_id, _dataset in ENV_DATASETS.items():
@@ -44,9 +54,17 @@ for _env_id, _dataset in ENV_DATASETS.items():
             entry_point="ivt_env.env:GroundingRefineEnv",
             kwargs={"dataset": _dataset, "split": "train", "max_refine_steps": 2},
         )
+for _env_id, _dataset in MULTI_ENV_DATASETS.items():
+    if _env_id not in registry:
+        register(
+            id=_env_id,
+            entry_point="ivt_env.env:GroundingRefineEnv",
+            kwargs={"dataset": _dataset, "split": "train", "max_refine_steps": 2, **ENV_DEFAULTS[_env_id]},
+        )
 
 __all__ = [
     "ENV_DATASETS",
+    "MULTI_ENV_DATASETS",
     "FreeText",
     "GroundingRefineEnv",
     "ImageSpace",
@@ -58,6 +76,7 @@ __all__ = [
     "format_box",
     "get_reward",
     "giou",
+    "hiou",
     "iou",
     "ivt_reward",
     "load_env_dataset",

@@ -205,3 +205,62 @@ def giou(a: Optional[Sequence[float]], b: Optional[Sequence[float]]) -> float:
         return -1.0
     i = inter / union if union > 0 else 0.0
     return float(i - (hull - union) / hull)
+
+
+# ------------------------------------------------------------------------------------------ several boxes (HIoU)
+def union_iou(pred_boxes: Sequence[Sequence[float]], gt_boxes: Sequence[Sequence[float]]) -> float:
+    """IoU of the two box SETS compared as wholes: ``|U(pred) n U(gt)| / |U(pred) u U(gt)|``, where ``U`` is the
+    union region of a set's boxes (overlaps counted once). Exact (coordinate compression, no rasterising).
+    An empty set gives 0.
+
+    This is HIoU's *global* term (:func:`hiou`). SIFThinker's formula for it is garbled in the seed text and its
+    released code (GRPO-SIF/.../grpo_jsonl.py) has no HIoU; the union-region IoU is the reading that "quantifies the
+    spatial consistency of the predicted and GT boxes as a whole" and cannot be gamed by box order or duplicates.
+    """
+    pred = [b for b in pred_boxes if area(b) > 0]
+    gt = [b for b in gt_boxes if area(b) > 0]
+    if not pred or not gt:
+        return 0.0
+    import numpy as np
+
+    boxes = pred + gt
+    xs = np.unique([v for b in boxes for v in (float(b[0]), float(b[2]))])
+    ys = np.unique([v for b in boxes for v in (float(b[1]), float(b[3]))])
+    cell = np.outer(np.diff(xs), np.diff(ys))  # (nx-1, ny-1) cell areas
+
+    def cover(bs) -> "np.ndarray":
+        m = np.zeros(cell.shape, dtype=bool)
+        for b in bs:
+            i1, i2 = np.searchsorted(xs, [float(b[0]), float(b[2])])
+            j1, j2 = np.searchsorted(ys, [float(b[1]), float(b[3])])
+            m[i1:i2, j1:j2] = True
+        return m
+
+    p, g = cover(pred), cover(gt)
+    union = float(cell[p | g].sum())
+    return float(cell[p & g].sum() / union) if union > 0 else 0.0
+
+
+def pairwise_iou(pred_boxes: Sequence[Sequence[float]], gt_boxes: Sequence[Sequence[float]]) -> float:
+    """HIoU's *pairwise* term: the one-to-one matching of predicted and GT boxes that maximises the total IoU
+    (Kuhn-Munkres, ``scipy.optimize.linear_sum_assignment``), its total divided by ``max(len(pred), len(gt))`` so
+    that every missing and every extra box counts as a pair of IoU 0. An empty set gives 0."""
+    n, m = len(pred_boxes), len(gt_boxes)
+    if n == 0 or m == 0:
+        return 0.0
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    mat = np.array([[iou(p, g) for g in gt_boxes] for p in pred_boxes], dtype=np.float64)
+    rows, cols = linear_sum_assignment(mat, maximize=True)
+    return float(mat[rows, cols].sum() / max(n, m))
+
+
+def hiou(pred_boxes: Sequence[Sequence[float]], gt_boxes: Sequence[Sequence[float]]) -> float:
+    """SIFThinker's hierarchical IoU of two box sets: ``(global IoU + pairwise IoU) / 2`` in [0, 1].
+
+    Global: :func:`union_iou` (IoU of the union regions of the two sets); pairwise: :func:`pairwise_iou`
+    (optimal one-to-one matching, averaged over the larger count). Invariant to the order of either set; for one
+    box against one box it equals :func:`iou`. Boxes ``xyxy`` in any common unit; an empty set gives 0.
+    """
+    return 0.5 * (union_iou(pred_boxes, gt_boxes) + pairwise_iou(pred_boxes, gt_boxes))

@@ -8,8 +8,9 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from ivt_env.boxes import BOX_CHOICES, NORM_MAX, iou, parse_box, to_norm, to_pixels
+from ivt_env.boxes import BOX_CHOICES, NORM_MAX, hiou, iou, parse_box, to_norm, to_pixels
 from ivt_env.datasets.base import MAX_EXPRESSION_CHARS, DatasetError, GroundingDataset, Sample
+from ivt_env.multibox import parse_boxes
 from ivt_env.rendering import Overlay, OverlayStyle
 from ivt_env.rewards import RewardFn, call_reward, get_reward, reward_extras
 from ivt_env.spaces import FreeText, ImageSpace
@@ -65,6 +66,20 @@ class GroundingRefineEnv(gym.Env):
     ``box`` (pixels or None), ``box_norm``, ``valid``, ``reason`` (why the box is invalid, else None), ``iou``,
     ``ious``, ``valids`` and ``boxes_norm`` (all steps so far; ``None`` for a step without a valid box); after
     ``step`` also ``action_truncated`` (the text was over 16,384 characters and only its tail was read).
+    Multi-box episodes add ``multi`` (True), ``gt_boxes`` (every GT box, pixels), ``boxes`` / ``step_boxes_norm``
+    (every box of this step in pixels / [0, 1000], ``[]`` when invalid), ``depths`` (the depth written with each
+    box, ``None`` where none), ``gt_depths`` (when the dataset gives them), ``depth_ok`` (whether every written depth
+    matched the depth map, ``None`` when no depth was written or the sample has no depth map); their
+    ``boxes_norm`` entry of a step is its first box (a whole-image box when one of its boxes covers the image).
+
+    ## Several boxes (multi-object grounding)
+    On for every sample of a dataset with ``multi_box = True`` (``IVT-SyntheticMulti-v0``), for a sample with
+    several GT boxes (``sample.meta["gt_boxes"]``), or always / never with ``multi_box=True/False``. A step then
+    answers a list of boxes (:func:`ivt_env.multibox.parse_boxes`: ``[[x1, y1, x2, y2], ...]`` or a JSON list of
+    ``{"bbox_2d": [...], "depth": d}``; the last list counts whatever ``answer_box`` says), ``info["iou"]`` is the
+    HIoU of the step's boxes with the GT boxes (:func:`ivt_env.boxes.hiou`; equal to the IoU for one box against
+    one), the overlay draws every box and ``prev_box`` holds the first one. A reward naming ``depth_oks`` also
+    receives ``info["depth_ok"]`` of every step so far (the ``depth`` reward).
 
     ## Arguments
     - ``dataset``: a name for :func:`ivt_env.datasets.load_dataset` (``synthetic``, ``refcocog``, ``refadv``,
@@ -82,6 +97,9 @@ class GroundingRefineEnv(gym.Env):
     - ``max_image_size``: ``(max_height, max_width)`` bound of the image space; ``None`` takes the dataset's
       ``max_image_size`` attribute or scans its samples' sizes.
     - ``answer_box``: which box of a step's text counts, ``"last"`` (default) or ``"first"``.
+    - ``multi_box``: ``None`` (auto, see "Several boxes"), ``True`` or ``False``.
+    - ``depth_observation``: add the observation key ``depth`` (:class:`ivt_env.depth.DepthSpace`, float32
+      ``(H, W)``, larger = farther) from ``sample.meta["load_depth"]``; every sample must have one.
 
     ## Version History
     - v0: first version.
@@ -101,6 +119,8 @@ class GroundingRefineEnv(gym.Env):
         overlay: Union[OverlayStyle, Mapping[str, Any], None] = None,
         max_image_size: Optional[Sequence[int]] = None,
         answer_box: str = "last",
+        multi_box: Optional[bool] = None,
+        depth_observation: bool = False,
     ):
         if answer_box not in BOX_CHOICES:
             raise ValueError(f"answer_box must be one of {BOX_CHOICES}, got {answer_box!r}")
@@ -130,6 +150,12 @@ class GroundingRefineEnv(gym.Env):
                 "prev_valid": spaces.Discrete(2),
             }
         )
+        self.multi_box = None if multi_box is None else bool(multi_box)
+        self.depth_observation = bool(depth_observation)
+        if self.depth_observation:
+            from ivt_env.depth import DepthSpace
+
+            self.observation_space = spaces.Dict({**self.observation_space.spaces, "depth": DepthSpace(max_h, max_w)})
         self.action_space = FreeText(MAX_ACTION_CHARS)
         self._ids: Optional[dict[str, int]] = None
         self._sample: Optional[Sample] = None
@@ -158,6 +184,7 @@ class GroundingRefineEnv(gym.Env):
         self._ious: list[float] = []
         self._valids: list[bool] = []
         self._boxes: list[Optional[tuple]] = []  # [0, 1000] box of each step, None when invalid
+        self._reset_multi(sample)
         self._t = 0
         self._frame = image.copy()  # a new array: the caller may write into observations
         obs = self._observation(None)
@@ -174,17 +201,24 @@ class GroundingRefineEnv(gym.Env):
         truncated = isinstance(action, str) and len(action) > MAX_ACTION_CHARS
         if truncated:  # the action space's own bound; the tail holds the final answer (and the last box)
             action = action[-MAX_ACTION_CHARS:]
-        parsed = parse_box(action, self.answer_box)
-        box_norm = parsed.box
-        box_px = to_pixels(box_norm, sample.width, sample.height) if box_norm is not None else None
-        score = iou(box_px, self._gt) if box_px is not None else 0.0
+        if self._multi:
+            parsed, box_norm, box_px, score, boxes_px = self._score_multi(action)
+        else:
+            parsed = parse_box(action, self.answer_box)
+            box_norm = parsed.box
+            box_px = to_pixels(box_norm, sample.width, sample.height) if box_norm is not None else None
+            score = iou(box_px, self._gt) if box_px is not None else 0.0
         self._ious.append(score)
         self._valids.append(box_px is not None)
-        self._boxes.append(tuple(box_norm) if box_px is not None else None)
+        self._boxes.append(self._step_box(box_norm) if box_px is not None else None)
+        self._depth_oks.append(self._extra["depth_ok"])
         reward = call_reward(self.reward_fn, self._reward_extras, self._ious, self._valids, step=t, max_steps=T,
-                             boxes=self._boxes)
+                             boxes=self._boxes, depth_oks=self._depth_oks)
         self._t = t + 1
-        self._frame = self._overlay.draw(box_px)  # None draws nothing: a plain copy of the original
+        if self._multi:
+            self._frame = self._overlay.draw_many(boxes_px)
+        else:
+            self._frame = self._overlay.draw(box_px)  # None draws nothing: a plain copy of the original
         obs = self._observation(box_norm)
         info = self._info(t, box_px, box_norm, box_px is not None, parsed.reason, score)
         info["action_truncated"] = truncated
@@ -233,14 +267,61 @@ class GroundingRefineEnv(gym.Env):
                 return self._ids[sid]
         raise ValueError(f"reset option sample_id={sid!r} is not in dataset {self.dataset_name!r}")
 
+    def _reset_multi(self, sample: Sample) -> None:
+        """Several GT boxes, multi-box mode and depth of the new episode (see "Several boxes")."""
+        gt_boxes = (sample.meta or {}).get("gt_boxes") or [sample.gt_box]
+        self._gt_boxes = [tuple(float(v) for v in b) for b in gt_boxes]
+        auto = bool(getattr(self.dataset, "multi_box", False)) or len(self._gt_boxes) > 1
+        self._multi = auto if self.multi_box is None else self.multi_box
+        self._depth_map = None
+        load_depth = (sample.meta or {}).get("load_depth")
+        if self.depth_observation or (self._multi and load_depth is not None):
+            if load_depth is None:
+                raise DatasetError(f"sample {sample.sample_id!r} of dataset {self.dataset_name!r} has no depth map "
+                                   "(meta['load_depth']) but the env has depth_observation=True")
+            self._depth_map = np.asarray(load_depth(), dtype=np.float32)
+        self._depth_oks: list[Optional[bool]] = []
+        self._step_boxes: list[tuple] = []
+        self._extra = {"multi": self._multi, "gt_boxes": list(self._gt_boxes), "boxes": [], "step_boxes_norm": [],
+                       "depths": [], "depth_ok": None}
+        if (sample.meta or {}).get("gt_depths") is not None:  # synthetic scenes: each GT object's depth
+            self._extra["gt_depths"] = list(sample.meta["gt_depths"])
+
+    def _score_multi(self, action: str):
+        from ivt_env.depth import check_depths
+
+        s = self._sample
+        parsed = parse_boxes(action)
+        boxes_norm = [tuple(b) for b in parsed.boxes]
+        boxes_px = [to_pixels(b, s.width, s.height) for b in boxes_norm]
+        score = hiou(boxes_px, self._gt_boxes) if parsed.valid else 0.0
+        depth_ok = check_depths(boxes_px, parsed.depths, self._depth_map) if parsed.valid else None
+        self._extra = dict(self._extra, boxes=boxes_px, step_boxes_norm=boxes_norm, depths=list(parsed.depths),
+                           depth_ok=depth_ok)
+        self._step_boxes = boxes_norm
+        first_norm = boxes_norm[0] if boxes_norm else None
+        return parsed, first_norm, (boxes_px[0] if boxes_px else None), score, boxes_px
+
+    def _step_box(self, box_norm) -> tuple:
+        """The step's entry of ``boxes_norm`` (the rewards' ``boxes``): its box; in a multi-box episode its first
+        box, or the whole image when one of its boxes covers it (SIFThinker's B_ini then skips the step)."""
+        if self._multi:
+            whole = (0.0, 0.0, float(NORM_MAX), float(NORM_MAX))
+            if any(b[0] <= 0 and b[1] <= 0 and b[2] >= NORM_MAX and b[3] >= NORM_MAX for b in self._step_boxes):
+                return whole
+        return tuple(box_norm)
+
     def _observation(self, prev_norm) -> dict[str, Any]:
-        return {
+        obs = {
             "image": self._frame,
             "expression": self._sample.expression,
             "step": self._t,
             "prev_box": np.asarray(prev_norm if prev_norm is not None else (0.0,) * 4, dtype=np.float32),
             "prev_valid": int(prev_norm is not None),
         }
+        if self.depth_observation:
+            obs["depth"] = self._depth_map.copy()
+        return obs
 
     def _info(self, step, box_px, box_norm, valid, reason, score) -> dict[str, Any]:
         s = self._sample
@@ -263,6 +344,7 @@ class GroundingRefineEnv(gym.Env):
             "ious": list(self._ious),
             "valids": list(self._valids),
             "boxes_norm": list(self._boxes),
+            **(self._extra if self._multi else {}),  # single-box episodes keep exactly the keys above
         }
 
 

@@ -25,7 +25,8 @@ def load_env_dataset(env_id: str, split: str = "train", data_root: Optional[str]
     """The dataset behind ``env_id`` for ``split``, built once so that several envs can share it."""
     import ivt_env
 
-    name = ivt_env.ENV_DATASETS.get(env_id.split(":")[-1])
+    key = env_id.split(":")[-1]
+    name = ivt_env.ENV_DATASETS.get(key) or ivt_env.MULTI_ENV_DATASETS.get(key)
     if name is None:  # an env id registered elsewhere: build it once and take its dataset
         env = make_env(env_id, split=split, data_root=data_root, dataset_kwargs=dataset_kwargs)()
         try:

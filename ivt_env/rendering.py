@@ -209,3 +209,15 @@ class Overlay:
             out[r1:r2, c1:c2] = self.tinted[r1:r2, c1:c2]
             _outline(out, region, self.style, self._row)
         return out
+
+    def draw_many(self, boxes_px: Sequence[Optional[Sequence[float]]]) -> np.ndarray:
+        """Every box of ``boxes_px`` drawn (tint, then every outline on top); an empty list draws nothing. One
+        box gives the same pixels as :meth:`draw`."""
+        img = self.image
+        out = img.copy()
+        regions = [r for r in (box_region(b, img.shape[0], img.shape[1]) for b in boxes_px) if r is not None]
+        for r1, r2, c1, c2 in regions:
+            out[r1:r2, c1:c2] = self.tinted[r1:r2, c1:c2]
+        for region in regions:
+            _outline(out, region, self.style, self._row)
+        return out

@@ -19,10 +19,14 @@ keep working unchanged)::
 
 - ``boxes``: the box of every step so far (same length as ``ious``) as ``(x1, y1, x2, y2)`` in the [0, 1000]
   normalised frame (the whole image is ``(0, 0, 1000, 1000)``), ``None`` for a step without a valid box.
+- ``depth_oks``: per step, whether every (box, depth) pair the step wrote matched the depth map (SIFThinker's
+  check, :func:`ivt_env.depth.check_depths`), ``None`` for a step that wrote no depth (the ``depth`` reward).
 
 Names for :func:`get_reward`: ``ivt`` (default, IVT Eq. 3), ``dense`` (per-step IoU improvement), ``iou`` (VLM-R1
-pure IoU), ``sifthinker`` (correction-enhanced), ``shaped`` (six-component shaping). Any ``"pkg.module:attr"``
-import path also works (a class there is instantiated with no arguments).
+pure IoU), ``sifthinker`` (correction-enhanced), ``shaped`` (six-component shaping), ``hiou`` (Eq. 3 on HIoU, the
+default of ``IVT-SyntheticMulti-v0``), ``depth`` (SIFThinker's r_depth), ``hiou_depth`` (their sum). In a
+multi-box episode the env's ``ious`` are HIoUs, so every reward scores several boxes with HIoU there. Any
+``"pkg.module:attr"`` import path also works (a class there is instantiated with no arguments).
 """
 
 from __future__ import annotations
@@ -167,7 +171,7 @@ REWARDS.register("sifthinker", sifthinker_reward)
 REWARDS.register("shaped", ShapedReward())
 
 
-REWARD_EXTRAS = ("boxes",)  # optional reward inputs, passed to a reward that names them
+REWARD_EXTRAS = ("boxes", "depth_oks")  # optional reward inputs, passed to a reward that names them
 
 
 def reward_extras(fn: RewardFn) -> frozenset:
@@ -181,9 +185,11 @@ def reward_extras(fn: RewardFn) -> frozenset:
 
 
 def call_reward(fn: RewardFn, extras: frozenset, ious: Sequence[float], valids: Sequence[bool], *, step: int,
-                max_steps: int, boxes: Optional[Sequence] = None) -> float:
+                max_steps: int, boxes: Optional[Sequence] = None, depth_oks: Optional[Sequence] = None) -> float:
     """``fn``'s reward with the documented arguments plus the extras it asked for (``extras = reward_extras(fn)``)."""
     kw = {"boxes": list(boxes) if boxes is not None else None} if "boxes" in extras else {}
+    if "depth_oks" in extras:
+        kw["depth_oks"] = list(depth_oks) if depth_oks is not None else None
     return float(fn(list(ious), list(valids), step=step, max_steps=max_steps, **kw))
 
 
@@ -215,3 +221,42 @@ def reward_name(fn: Optional[RewardFn]) -> str:
         return "ivt"
     mod, qual = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None) or type(fn).__qualname__
     return f"{mod}:{qual}" if mod else qual
+
+
+# ------------------------------------------------------------------------------ several boxes and depth (SIFThinker)
+def hiou_reward(ious: Sequence[float], valids: Sequence[bool], *, step: int, max_steps: int) -> float:
+    """The default of ``IVT-SyntheticMulti-v0``: IVT Eq. 3 on HIoU, ``HIoU(final boxes, GT boxes) + 0.1 * (valid
+    steps / (T + 1))`` at the last step, 0 before. In a multi-box episode the env's ``ious`` ARE the step HIoUs
+    (``ivt_env.boxes.hiou``); ``sifthinker`` there is SIFThinker's correction-enhanced box reward on HIoU,
+    ``s_end + (s_end - s_init)``."""
+    return ivt_reward(ious, valids, step=step, max_steps=max_steps)
+
+
+class DepthReward:
+    """SIFThinker's depth-consistency reward r_depth, at the last step: 1 when the trajectory wrote at least one
+    (box, depth) pair and every written pair has ``|d - d_gt| / d_gt <= 0.1`` (``d_gt`` from the depth map inside
+    the box, :func:`ivt_env.depth.depth_in_box`), else 0 (also when no depth was written: nothing earns it).
+
+    Needs the env's per-step depth checks: naming ``depth_oks`` makes the env pass them (``info["depth_ok"]`` per
+    step: True / False, ``None`` for a step without depth; see :func:`reward_extras`)."""
+
+    def __call__(self, ious: Sequence[float], valids: Sequence[bool], *, step: int, max_steps: int,
+                 depth_oks: Optional[Sequence[Optional[bool]]] = None) -> float:
+        _check(ious, valids, step, max_steps)
+        if step < max_steps:
+            return 0.0
+        written = [ok for ok in (depth_oks or []) if ok is not None]
+        return 1.0 if written and all(written) else 0.0
+
+
+class HIoUDepthReward(DepthReward):
+    """``hiou`` + ``depth`` (SIFThinker sums its reward components): both paid at the last step."""
+
+    def __call__(self, ious, valids, *, step: int, max_steps: int, depth_oks=None) -> float:
+        return hiou_reward(ious, valids, step=step, max_steps=max_steps) + super().__call__(
+            ious, valids, step=step, max_steps=max_steps, depth_oks=depth_oks)
+
+
+REWARDS.register("hiou", hiou_reward)
+REWARDS.register("depth", DepthReward())
+REWARDS.register("hiou_depth", HIoUDepthReward())

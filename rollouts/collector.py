@@ -320,6 +320,8 @@ class Collector:
         for s, (idx, j, k) in enumerate(batch):
             info = infos[s]
             meta = {"index": idx, "group_member": j, "source": info.get("source")}
+            if info.get("multi"):  # a multi-box episode: every GT box (pixels) for count errors and HIoU
+                meta["gt_boxes"] = [list(b) for b in info["gt_boxes"]]
             trajs.append(Trajectory(sample_id=str(info["sample_id"]), dataset=str(info.get("dataset", "")),
                                     expression=str(obs[s]["expression"]), gt_box=_list_or_none(info["gt_box"]),
                                     width=int(info["width"]), height=int(info["height"]), group_id=k, meta=meta))
@@ -343,6 +345,7 @@ class Collector:
                     t=len(steps), text=o.text, valid=bool(info["valid"]), iou=float(info["iou"]), reward=float(reward),
                     box_norm=_list_or_none(info.get("box_norm")), box=_list_or_none(info.get("box")),
                     reason=info.get("reason"), token_ids=o.token_ids, logprobs=o.logprobs,
+                    boxes_norm=[list(b) for b in info["step_boxes_norm"]] if "step_boxes_norm" in info else None,
                     injected_ids=o.injected_ids, observation=cur_obs[s]["image"] if keep_obs else None,
                     extra=dict(o.extra) if o.extra else {},
                 ))

@@ -35,6 +35,7 @@ class Step:
     image_path: Optional[str] = None  # rendered observation written to disk (on request)
     observation: Optional[np.ndarray] = field(default=None, repr=False, compare=False)  # (H, W, 3) uint8, memory only
     extra: dict = field(default_factory=dict)  # policy-specific, JSON-serialisable
+    boxes_norm: Optional[list[list[float]]] = None  # multi-box episodes: every parsed box, [0, 1000]
 
 
 @dataclass

@@ -166,7 +166,8 @@ class EvalConfig:
     """Options of ``python -m agents.evaluate``."""
 
     env: str = "IVT-Synthetic-v0"
-    """Gymnasium env id: IVT-Synthetic-v0, IVT-RefCOCOg-v0, IVT-RefAdv-v0, IVT-RefL4-v0 or IVT-Mix-v0."""
+    """Gymnasium env id: IVT-Synthetic-v0, IVT-SyntheticMulti-v0 (several objects, HIoU), IVT-RefCOCOg-v0, IVT-RefAdv-v0,
+    IVT-RefL4-v0 or IVT-Mix-v0."""
     policy: Optional[str] = None
     """oracle, copy, random, replay, teacher, vlm, a model folder, or an import path package.module:ClassName
     (None: vlm with --model, else oracle)."""

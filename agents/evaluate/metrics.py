@@ -19,6 +19,11 @@ the IVT rows (e.g. SFT+IVT 0.743) exceed every per-step mean of Table 2 (0.716 /
 best-over-steps selection can produce; the headline numbers here use the final box (what a deployed model returns).
 
 All rates are fractions in [0, 1]; means over an empty stratum are ``None`` (JSON ``null``).
+
+Multi-object grounding (``IVT-SyntheticMulti-v0``): the env's per-step score of a multi-box episode is the HIoU of
+the step's boxes with the GT boxes (``ivt_env.boxes.hiou``), so every number above (Acc@k, mean, per step, strata)
+is on HIoU there. :func:`compute_metrics` then adds ``counts`` (:func:`count_metrics`): how often the final step
+(and each step) answers too few or too many boxes.
 """
 
 from __future__ import annotations
@@ -137,9 +142,51 @@ def metrics_from_ious(
     return m
 
 
+def _num_boxes(step: Any) -> int:
+    if not step.valid:
+        return 0
+    boxes = getattr(step, "boxes_norm", None)
+    return len(boxes) if boxes is not None else 1
+
+
+def count_metrics(trajectories: Sequence[Any]) -> Optional[dict[str, Any]]:
+    """Count errors of multi-box trajectories (``meta["gt_boxes"]``, set by the collector in multi-box episodes);
+    ``None`` when there are none. An invalid step answers 0 boxes. Keys: ``n`` (multi-box trajectories),
+    ``exact`` / ``too_few`` / ``too_many`` (share of final steps answering exactly / fewer / more boxes than the
+    GT), ``too_few_step`` / ``too_many_step`` (the same per step), ``mean_boxes`` and ``mean_gt_boxes`` (final
+    step), ``by_gt_count`` ({GT count: {n, acc@0.5, miou}}: the final-step HIoU by number of referred objects)."""
+    trajs = [t for t in trajectories if isinstance(t.meta, dict) and t.meta.get("gt_boxes") is not None]
+    if not trajs:
+        return None
+    n_gt = np.asarray([len(t.meta["gt_boxes"]) for t in trajs])
+    n_pred = np.asarray([[_num_boxes(s) for s in t.steps] for t in trajs])  # (n, T+1)
+    final = n_pred[:, -1]
+    out: dict[str, Any] = {
+        "n": len(trajs),
+        "exact": float(np.mean(final == n_gt)),
+        "too_few": float(np.mean(final < n_gt)),
+        "too_many": float(np.mean(final > n_gt)),
+        "too_few_step": [float(v) for v in np.mean(n_pred < n_gt[:, None], axis=0)],
+        "too_many_step": [float(v) for v in np.mean(n_pred > n_gt[:, None], axis=0)],
+        "mean_boxes": float(final.mean()),
+        "mean_gt_boxes": float(n_gt.mean()),
+    }
+    finals = np.asarray([trajectory_ious(t)[-1] for t in trajs])
+    out["by_gt_count"] = {str(k): {"n": int((n_gt == k).sum()), "acc@0.5": float(np.mean(finals[n_gt == k] >= 0.5)),
+                                   "miou": float(np.mean(finals[n_gt == k]))} for k in sorted(set(n_gt.tolist()))}
+    return out
+
+
 def compute_metrics(trajectories: Iterable[Any], **kwargs: Any) -> dict[str, Any]:
     """IVT metrics of :class:`rollouts.types.Trajectory` objects (see the module docstring for definitions)."""
     trajs = list(trajectories)
+    counts = count_metrics(trajs)
+    if counts is not None:
+        return {**_compute(trajs, **kwargs), "counts": counts}
+    return _compute(trajs, **kwargs)
+
+
+def _compute(trajs: list, **kwargs: Any) -> dict[str, Any]:
     return metrics_from_ious(
         [trajectory_ious(t) for t in trajs],
         [[bool(s.valid) for s in t.steps] for t in trajs],

@@ -75,6 +75,19 @@ def dataset_table(m: Mapping[str, Any]) -> str:
     return _table(["Dataset", "n", "Acc@0.5", "Acc@0.7", "Acc@0.9", "IoU"], rows)
 
 
+def counts_table(c: Mapping[str, Any]) -> str:
+    """Multi-object trajectories: the scores above are HIoU; count errors of the final step and per step, and the
+    final HIoU by the number of referred objects."""
+    rows = [["all", str(c["n"]), _pct(c["exact"]), _pct(c["too_few"]), _pct(c["too_many"]),
+             f"{c['mean_boxes']:.2f} / {c['mean_gt_boxes']:.2f}", "", ""]]
+    for k, v in c["by_gt_count"].items():
+        rows.append([f"{k} object(s)", str(v["n"]), "", "", "", "", _f3(v["acc@0.5"]), _f3(v["miou"])])
+    table = _table(["Referents", "n", "Exact count %", "Too few %", "Too many %", "Boxes / GT boxes",
+                    "Acc@0.5 (HIoU)", "HIoU"], rows)
+    per = ", ".join(f"{_pct(a)}/{_pct(b)}" for a, b in zip(c["too_few_step"], c["too_many_step"]))
+    return table + f"\n\nToo few / too many boxes per step (%): {per}."
+
+
 def format_report(m: Mapping[str, Any], name: str = "policy", title: Optional[str] = None) -> str:
     """All tables of one evaluation as Markdown (also readable as plain text on a terminal)."""
     parts = [f"# {title}" if title else f"# Evaluation: {name}", ""]
@@ -94,4 +107,6 @@ def format_report(m: Mapping[str, Any], name: str = "policy", title: Optional[st
         parts += [f"Mean return: {m['return_mean']:.4f}."]
     if len(m.get("by_dataset", {})) > 1:
         parts += ["", "## Per dataset (final box)", "", dataset_table(m)]
+    if m.get("counts"):
+        parts += ["", "## Several objects: HIoU and count errors (final step)", "", counts_table(m["counts"])]
     return "\n".join(parts) + "\n"

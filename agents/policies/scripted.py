@@ -10,6 +10,10 @@ step)``, with the group member read from ``infos[i]["group_member"]`` (the colle
 texts therefore do not depend on the batch size or on single vs vector envs, and the N members of a group differ.
 
 The oracle and the teacher read the GT (``infos[i]["gt_box_norm"]``): they cheat by design.
+
+Multi-box episodes (``infos[i]["multi"]``, e.g. ``IVT-SyntheticMulti-v0``): the oracle answers every GT box, the
+random policy one to three random boxes, copy repeats its step-0 list, the teacher interpolates each box
+(:mod:`agents.teacher.multi`); texts are ``<think>...</think> [[x1, y1, x2, y2], ...]``.
 """
 
 from __future__ import annotations
@@ -54,6 +58,12 @@ def _step_of(obs: Mapping[str, Any]) -> int:
     return int(obs["step"])
 
 
+def _gt_boxes_norm(info: Mapping[str, Any]) -> Optional[list[list[int]]]:
+    from agents.teacher.multi import info_gt_boxes_norm
+
+    return info_gt_boxes_norm(info)
+
+
 class ScriptedPolicy(Policy):
     """Shared seeding: one ``random.Random`` per (trajectory, step), independent of batching."""
 
@@ -96,12 +106,15 @@ class OraclePolicy(ScriptedPolicy):
 
     name = "oracle"
 
-    def __init__(self, noise: float = 0.0, resample: bool = True, seed: Optional[int] = 0):
+    def __init__(self, noise: float = 0.0, resample: bool = True, depth: bool = False,
+                 max_boxes: Optional[int] = None, seed: Optional[int] = 0):
         super().__init__(seed)
         if noise < 0:
             raise ValueError(f"OraclePolicy: noise must be >= 0, got {noise}")
         self.noise = float(noise)
         self.resample = bool(resample)
+        self.depth = bool(depth)  # multi-box episodes: write each box's GT depth (info["gt_depths"]) with it
+        self.max_boxes = max_boxes  # multi-box episodes: answer only the first N GT boxes (1: the single-box baseline)
 
     def box(self, info: Mapping[str, Any], step: int) -> list[int]:
         gt = _gt_norm(info, "OraclePolicy")
@@ -110,9 +123,29 @@ class OraclePolicy(ScriptedPolicy):
         rng = self.rng(info, step if self.resample else 0)
         return valid_int_box([c + rng.gauss(0.0, self.noise) for c in gt])
 
+    def boxes(self, info: Mapping[str, Any], step: int) -> list[list[int]]:
+        """Every GT box of a multi-box episode, with the same noise rule as :meth:`box`."""
+        gts = _gt_boxes_norm(info) or [_gt_norm(info, "OraclePolicy")]
+        gts = gts[: self.max_boxes] if self.max_boxes else gts
+        if self.noise == 0.0:
+            return [valid_int_box(g) for g in gts]
+        rng = self.rng(info, step if self.resample else 0)
+        return [valid_int_box([c + rng.gauss(0.0, self.noise) for c in g]) for g in gts]
+
     def act(self, observations, histories, infos, sampling: SamplingParams) -> list[PolicyOutput]:
+        from agents.teacher.multi import format_multi_step, multi_reasoning
+
         out = []
         for obs, info in zip(observations, infos):
+            if info.get("multi"):
+                boxes = self.boxes(info, _step_of(obs))
+                text = format_multi_step(multi_reasoning(None, boxes, boxes, 0), boxes)
+                if self.depth and info.get("gt_depths"):
+                    from ivt_env.multibox import format_boxes
+
+                    text = text.split("</think>")[0] + "</think> " + format_boxes(boxes, info["gt_depths"])
+                out.append(PolicyOutput(text=text))
+                continue
             box = self.box(info, _step_of(obs))
             out.append(PolicyOutput(text=format_step(f"Target at {region_name(box)}.", box)))
         return out
@@ -139,11 +172,23 @@ class RandomPolicy(ScriptedPolicy):
             if rng.random() < self.invalid_rate:
                 out.append(PolicyOutput(text="<think>I cannot tell where it is.</think> no box"))
                 continue
+            if info.get("multi"):  # one to three random boxes
+                from agents.teacher.multi import format_multi_step
+
+                out.append(PolicyOutput(text=format_multi_step("A guess.", [self._box(rng)
+                                                                            for _ in range(rng.randint(1, 3))])))
+                continue
             w = rng.randint(self.min_side, NORM_MAX)
             h = rng.randint(self.min_side, NORM_MAX)
             x1, y1 = rng.randint(0, NORM_MAX - w), rng.randint(0, NORM_MAX - h)
             out.append(PolicyOutput(text=format_step("A guess.", [x1, y1, x1 + w, y1 + h])))
         return out
+
+    def _box(self, rng: random.Random) -> list[int]:
+        w = rng.randint(self.min_side, NORM_MAX)
+        h = rng.randint(self.min_side, NORM_MAX)
+        x1, y1 = rng.randint(0, NORM_MAX - w), rng.randint(0, NORM_MAX - h)
+        return [x1, y1, x1 + w, y1 + h]
 
 
 class CopyPolicy(ScriptedPolicy):
@@ -178,6 +223,14 @@ class CopyPolicy(ScriptedPolicy):
                 raise ValueError(f"CopyPolicy: step {_step_of(obs)} of sample {infos[i].get('sample_id')} has no "
                                  "step-0 history to copy (histories[i] is empty)")
             first_text = histories[i][0].text
+            if infos[i].get("multi"):
+                from agents.teacher.multi import format_multi_step
+                from ivt_env.multibox import parse_boxes
+
+                many = parse_boxes(first_text)
+                out.append(PolicyOutput(text=format_multi_step("Keep the boxes.", many.boxes) if many.valid
+                                        else first_text))
+                continue
             parsed = parse_box(first_text)
             text = format_step("Keep the box.", parsed.box) if parsed.valid else first_text
             out.append(PolicyOutput(text=text))
@@ -255,6 +308,9 @@ class InterpolatingTeacher(ScriptedPolicy):
             t = _step_of(obs)
             gt = _gt_norm(info, "InterpolatingTeacher")
             rng = self.rng(info, t)
+            if info.get("multi"):
+                out.append(self._act_multi(t, info, histories[i], rng))
+                continue
             if t == 0:
                 sid = str(info.get("sample_id"))
                 if sid in self.start_boxes:
@@ -276,6 +332,15 @@ class InterpolatingTeacher(ScriptedPolicy):
             reasoning = geometric_reasoning(prev, box, gt, t, str(obs.get("expression", "")), rng, self.verbosity)
             out.append(PolicyOutput(text=format_step(reasoning, box), extra={"plan": plan} if t == 0 else {}))
         return out
+
+
+    def _act_multi(self, t: int, info: Mapping[str, Any], history, rng: random.Random) -> PolicyOutput:
+        """A multi-box episode: each GT box perturbed at step 0, then interpolated (agents.teacher.multi)."""
+        from agents.teacher.multi import planned_multi_step
+
+        text, plan = planned_multi_step(t, _gt_boxes_norm(info), history, lambda g: self.perturbed_start(g, rng),
+                                        self._horizon(info), info.get("sample_id"))
+        return PolicyOutput(text=text, extra={"plan": plan} if t == 0 else {})
 
 
 class ReplayPolicy(ScriptedPolicy):

@@ -115,7 +115,9 @@ def abs_box_text_to_norm(text: str, resized_w: int, resized_h: int) -> str:
 
 
 class BoxStopper:
-    """Per-row incremental stop test: a complete ``[a, b, c, d]`` written (after ``</think>`` if required)."""
+    """Per-row incremental stop test: a complete ``[a, b, c, d]`` written (after ``</think>`` if required) and
+    every bracket opened after ``</think>`` closed again, so a list of boxes ``[[...], [...]]`` (multi-object
+    grounding) stops at its closing ``]``; a lone box stops at once, as before."""
 
     def __init__(self, n: int, requires_think: bool) -> None:
         self.buf = [""] * n
@@ -132,7 +134,7 @@ class BoxStopper:
             if k < 0:
                 return False
             text = text[k:]
-        return LIST4.search(text) is not None
+        return LIST4.search(text) is not None and text.count("[") <= text.count("]")
 
 
 class PromptLayout:

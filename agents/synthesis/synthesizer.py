@@ -9,7 +9,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from ivt_env.boxes import format_box, iou, to_norm, to_pixels
+from ivt_env.boxes import format_box, hiou, iou, to_norm, to_pixels
+from ivt_env.multibox import format_boxes
 from agents.teacher.starts import (
     PerturbConfig,
     ScriptedStudentConfig,
@@ -17,6 +18,7 @@ from agents.teacher.starts import (
     scripted_student_box,
 )
 from agents.teacher.geometric import hold_fitting_boxes, interpolate_boxes
+from agents.teacher.multi import gt_boxes_norm, interpolate_box_sets, is_multi_sample, is_nested, multi_student_boxes
 from rollouts.types import Trajectory
 
 STAGES = ("kept", "invalid_start", "iou_below_min", "iou_above_max")
@@ -116,6 +118,14 @@ def _rng_for(seed: int, sample_id: str) -> random.Random:
     return random.Random(f"{seed}/{sample_id}")
 
 
+class _OneBox:
+    """A view of a sample with one of its GT boxes as ``gt_box`` (to perturb each box of a multi-box sample)."""
+
+    def __init__(self, sample: Any, box_norm: Sequence[float]):
+        self.width, self.height, self.meta = sample.width, sample.height, sample.meta
+        self.gt_box = to_pixels(box_norm, sample.width, sample.height)
+
+
 def _stage(valid: bool, value: float, lo: float, hi: float) -> str:
     if not valid:
         return "invalid_start"
@@ -192,6 +202,9 @@ class Synthesizer:
             for i in indices:
                 s = self.dataset[int(i)]
                 rng = _rng_for(cfg.seed, s.sample_id)
+                if is_multi_sample(s, self.dataset):  # several boxes: a list of boxes, scored with HIoU
+                    recs.append(self._multi_start(s, int(i), rng))
+                    continue
                 if cfg.start == "perturbed":
                     box = perturbed_gt_box(s, rng, cfg.perturb)
                 elif cfg.start == "gt":
@@ -204,6 +217,22 @@ class Synthesizer:
         for r in recs:
             r["stage"] = _stage(r["valid"], r["iou"], cfg.iou_min, cfg.iou_max)
         return recs
+
+    def _multi_start(self, s: Any, index: int, rng: random.Random) -> dict:
+        """The start record of a multi-box sample: the scripted student's boxes (count errors included), each GT box
+        perturbed, or the GT boxes; ``iou`` is the HIoU of the start with the GT boxes."""
+        cfg = self.cfg
+        gts = gt_boxes_norm(s)
+        if cfg.start == "perturbed":
+            boxes = [perturbed_gt_box(_OneBox(s, g), rng, cfg.perturb) for g in gts]
+        elif cfg.start == "gt":
+            boxes = [list(g) for g in gts]
+        else:
+            boxes = multi_student_boxes(s, rng, cfg.scripted)
+        gt_px = (s.meta or {}).get("gt_boxes") or [s.gt_box]
+        value = hiou([to_pixels(b, s.width, s.height) for b in boxes], gt_px)
+        return {"sample_id": s.sample_id, "index": index, "start": "scripted" if cfg.start == "student" else cfg.start,
+                "text": format_boxes(boxes), "box_norm": boxes, "valid": True, "iou": value}
 
     # ---------------------------------------------------------------------------------------------- stages 3-4
     def trajectories(self, recs: Sequence[dict], keep_observations: bool = True) -> list[Trajectory]:
@@ -218,6 +247,10 @@ class Synthesizer:
         plans = {}
         for r in kept:
             s = self.dataset[r["index"]]
+            if is_nested(r["box_norm"]):  # a multi-box start: every box interpolated to its matched GT box
+                plans[r["sample_id"]] = interpolate_box_sets(r["box_norm"], gt_boxes_norm(s), cfg.steps,
+                                                             keep_fitting=cfg.keep_fitting)
+                continue
             gt = to_norm(s.gt_box, s.width, s.height)
             plans[r["sample_id"]] = interpolate_boxes(r["box_norm"], gt, cfg.steps)
             if cfg.keep_fitting:

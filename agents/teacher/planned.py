@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 from rollouts.policy import Policy, PolicyOutput, SamplingParams
 from agents.teacher.geometric import format_step, geometric_reasoning
+from agents.teacher.multi import format_multi_step, is_nested, multi_reasoning
+from ivt_env.boxes import to_norm
 
 # reasoner(images, expressions, prev_boxes, new_boxes, gt_boxes, steps) -> one reasoning text per item ("" = none)
 Reasoner = Callable[[Sequence[Any], Sequence[str], Sequence[Optional[list]], Sequence[list], Sequence[list], Sequence[int]], list[str]]
@@ -61,7 +63,14 @@ class PlannedTeacher(Policy):
             if t >= len(boxes):
                 raise ValueError(f"PlannedTeacher: sample {sid!r} asked for step {t}, the plan has {len(boxes)} boxes")
             prev = list(boxes[t - 1]) if t > 0 else None
+            if is_nested(boxes[t]):  # a multi-box plan: the multi-box teacher's text (no reasoner)
+                gts = [list(to_norm(b, info["width"], info["height"])) for b in info["gt_boxes"]]
+                items.append((obs, info, t, prev, list(boxes[t]), gts))
+                continue
             items.append((obs, info, t, prev, list(boxes[t]), list(info["gt_box_norm"])))
+        if any(is_nested(it[4]) for it in items):  # multi-box plans (a multi-box dataset has no others)
+            return [PolicyOutput(text=format_multi_step(multi_reasoning(prev, new, gt, t), new),
+                                 extra={"teacher": "geometric"}) for _o, _i, t, prev, new, gt in items]
         texts: list[str] = [""] * len(items)
         if self.reasoner is not None and items:
             texts = list(self.reasoner(

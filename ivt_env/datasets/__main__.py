@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _info(args) -> int:
-    kwargs = {} if args.name == "synthetic" else {"check_images": not args.no_check_images}
+    synthetic = args.name.lower().replace("_", "").replace("-", "").startswith("synthetic")
+    kwargs = {} if synthetic else {"check_images": not args.no_check_images}
     report = {}
     try:
         default_splits = dataset_splits(args.name)
