@@ -8,7 +8,9 @@ step texts whose boxes cover 10-55 % of the frame (one invalid), from an in-memo
 
     python benchmarks/env_step.py [--repeats 7] [--min-time 0.4]
 
-Prints JSON: ``{"sizes": [{"width", "height", "steps_per_s", "copies_per_s", "ratio", "resets_per_s"}, ...]}``.
+Prints JSON: ``{"sizes": [{"width", "height", "steps_per_s", "copies_per_s", "ratio", "resets_per_s"}, ...],
+"hostile_worst_step_ms": ...}``: the slowest step (best of 3 each) over adversarial texts (a 6 MB action, repeated
+JSON boxes, unclosed brackets), which the action-space cap keeps in milliseconds (goal: under 10 ms).
 """
 
 from __future__ import annotations
@@ -98,13 +100,42 @@ def measure(width: int, height: int, repeats: int, min_time: float) -> dict:
     }
 
 
+HOSTILE = [
+    "[0, 0, 10, 10] " + "x" * 6_000_000,
+    "[1, 2, 3, 4] " * 460_000,
+    '{"bbox_2d": [1, 2, 3, 4]} ' * 700,
+    '{"bbox_2d": [1, 2, 3]} ' * 800,
+    '{"a": [1, 2, 3, 4], "bbox_2d": [5, 6, 7, 8]} ' * 400,
+    "<answer>[1, 2, 3, 4]" * 1000,
+    "<think>" * 2400,
+    "[" * 20000,
+    "[1, 2, 3, " * 1700,
+]
+
+
+def hostile_worst_step_ms() -> float:
+    """The slowest of the adversarial step texts (each the best of 3 steps), in milliseconds, at 640x480."""
+    worst = 0.0
+    for which in ("last", "first"):
+        env = GroundingRefineEnv(frame_dataset(640, 480), answer_box=which)
+        for text in HOSTILE:
+            best = float("inf")
+            for _ in range(3):
+                env.reset(seed=0, options={"index": 0})
+                t0 = time.perf_counter()
+                env.step(text)
+                best = min(best, time.perf_counter() - t0)
+            worst = max(worst, best)
+    return round(1000 * worst, 3)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7, help="measurement rounds; the median round counts")
     parser.add_argument("--min-time", type=float, default=0.4, help="seconds per measurement round")
     args = parser.parse_args(argv)
     sizes = [measure(w, h, args.repeats, args.min_time) for (w, h) in ((640, 480), (1920, 1080))]
-    print(json.dumps({"sizes": sizes}, indent=2))
+    print(json.dumps({"sizes": sizes, "hostile_worst_step_ms": hostile_worst_step_ms()}, indent=2))
 
 
 if __name__ == "__main__":

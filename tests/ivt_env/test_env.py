@@ -195,9 +195,10 @@ def test_answer_box_option_picks_first_or_last():
         GroundingRefineEnv(FakeDataset(), answer_box="any")
 
 
-def test_long_actions_are_cut_to_their_tail_and_stay_fast():
-    import time
-
+def test_long_actions_are_cut_to_their_tail(monkeypatch):
+    """The parser never sees more than the action space's bound (the cost of a step is then bounded too:
+    benchmarks/env_step.py prints the worst step time over hostile texts, no timing threshold here)."""
+    import ivt_env.env as env_mod
     from ivt_env.env import MAX_ACTION_CHARS
 
     env = GroundingRefineEnv(FakeDataset())
@@ -210,6 +211,9 @@ def test_long_actions_are_cut_to_their_tail_and_stay_fast():
     assert info["action_truncated"] and not info["valid"]
     _, _, _, _, info = env.step("y" * (MAX_ACTION_CHARS - 20) + "[250, 250, 750, 750]")  # exactly at the bound
     assert not info["action_truncated"] and info["valid"]
+    seen = []
+    real = env_mod.parse_box
+    monkeypatch.setattr(env_mod, "parse_box", lambda text, which="last": seen.append(len(text)) or real(text, which))
     hostile = [
         "[1, 2, 3, 4] " * 460_000,
         '{"bbox_2d": [1, 2, 3, 4]} ' * 700,
@@ -220,13 +224,11 @@ def test_long_actions_are_cut_to_their_tail_and_stay_fast():
         "[" * 20000,
         "[1, 2, 3, " * 1700,
     ]
+    expect_valid = [True, True, False, True, True, False, False, False]
     for which in ("last", "first"):
         env = GroundingRefineEnv(FakeDataset(), answer_box=which)
-        for text in hostile:
-            best = float("inf")
-            for _ in range(3):  # best of 3: the bound is the step's own cost, not a busy machine's scheduling
-                env.reset(seed=0, options={"index": 0})
-                t0 = time.perf_counter()
-                env.step(text)
-                best = min(best, time.perf_counter() - t0)
-            assert best < 0.010, (which, text[:30], best)
+        for text, valid in zip(hostile, expect_valid):
+            env.reset(seed=0, options={"index": 0})
+            _, _, _, _, info = env.step(text)
+            assert info["valid"] is valid, (which, text[:30])
+    assert seen and max(seen) <= MAX_ACTION_CHARS
