@@ -135,8 +135,8 @@ class GRPOConfig:
     """PPO ratio clipping epsilon (None: plain REINFORCE as in IVT Eq. 2)."""
     old_logprobs: str = "rollout"
     """Behaviour log-probs for the clipped ratio: rollout (Step.logprobs recorded while sampling; the VLM policy
-    records the model's own temperature-1 log-probs) | recompute (one extra teacher-forced pass before the first
-    update: for policies whose recorded log-probs include the sampling temperature)."""
+    records log_softmax(logits / T) at each step's sampling temperature T, the same scoring as its teacher-forced
+    pass) | recompute (one extra teacher-forced pass before the first update)."""
     aggregation: str = "token_mean"
     """Token aggregation of the loss: token_mean | seq_mean | seq_sum_norm (see agents/losses.py)."""
 

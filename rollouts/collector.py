@@ -241,7 +241,7 @@ class Collector:
                     box_norm=_list_or_none(info.get("box_norm")), box=_list_or_none(info.get("box")),
                     reason=info.get("reason"), token_ids=o.token_ids, logprobs=o.logprobs,
                     injected_ids=o.injected_ids, observation=cur_obs[s]["image"] if keep_obs else None,
-                    extra=dict(o.extra) if o.extra else {},
+                    extra=dict(o.extra) if o.extra else {}, temperature=o.temperature,
                 ))
                 histories[s].append(o)
                 if not (term or trunc):

@@ -40,6 +40,8 @@ class PolicyOutput:
     logprobs: Optional[list[float]] = None
     injected_ids: Optional[list[int]] = None
     extra: dict = field(default_factory=dict)
+    temperature: Optional[float] = None
+    """Temperature the ``logprobs`` are scored at (the sampling temperature; 1.0 for greedy; None: no tokens)."""
 
 
 class Policy:

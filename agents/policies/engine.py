@@ -12,9 +12,11 @@ chunk with the model's own ``get_rope_index`` (shift-invariant, so a chunk's pos
 plus the row's next position), text tokens continue at ``max position + 1``. ``pixel_values`` of the NEW images
 only are passed with each chunk. A test checks that tokens (greedy) and log-probs equal a plain full re-encode.
 
-Log-probs are those of the model's own distribution (``log_softmax(logits)``, temperature 1) of each generated
-token, i.e. exactly what :meth:`VLMPolicy.token_logprobs` recomputes by teacher forcing; the sampling temperature
-only changes which token is drawn. Both places use the same :class:`LogitFilter` (ids the tokenizer does not know
+Log-probs are those of the distribution each token was drawn from: ``log_softmax(logits / T)`` at the step's
+sampling temperature T (greedy steps are scored at T = 1), i.e. exactly what :meth:`VLMPolicy.token_logprobs`
+recomputes by teacher forcing from the temperature recorded per step (``StepResult.temperature`` ->
+``Step.temperature``). Scoring tokens drawn at 0.7 with temperature-1 log-probs would bias the policy gradient
+(DESIGN.md, "Sampling temperature"). Both places use the same :class:`LogitFilter` (ids the tokenizer does not know
 left out, multimodal placeholder tokens banned).
 """
 
@@ -62,6 +64,7 @@ class StepResult:
     logprobs: list[float]
     stop: str  # "box" | "eos" | "length"
     chunk: Chunk = field(repr=False)
+    temperature: float = 1.0  # the distribution the log-probs are scored under: sampling T, 1.0 for greedy
 
 
 @dataclass
@@ -223,12 +226,13 @@ class RolloutEngine:
         logits = self.next_logits
         for k in range(max_new_tokens):
             logits = self.filter(logits)  # (B, V)
-            logp = torch.log_softmax(logits, dim=-1)
             if temperature <= 0:
                 tok = logits.argmax(dim=-1)
+                logp = torch.log_softmax(logits, dim=-1)  # greedy: scored at T = 1
             else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                tok = sample_inverse_cdf(probs, self.generator)
+                scaled = logits / temperature  # (B, V) the sampling distribution's logits
+                logp = torch.log_softmax(scaled, dim=-1)
+                tok = sample_inverse_cdf(torch.softmax(scaled, dim=-1), self.generator)
             lp = logp.gather(1, tok[:, None]).squeeze(1)
             active = ~done
             is_eos = torch.isin(tok, stop_ids) & active
@@ -253,7 +257,7 @@ class RolloutEngine:
         self.next_logits = None
         results = []
         for b, row in enumerate(self.rows):
-            res = StepResult(list(chunks[b].ids), gen[b], lps[b], why[b], chunks[b])
+            res = StepResult(list(chunks[b].ids), gen[b], lps[b], why[b], chunks[b], score_temperature(temperature))
             row.steps.append(res)
             results.append(res)
         return results
@@ -273,6 +277,11 @@ class RolloutEngine:
                 row.next_pos += 1
         self.attn = torch.cat([self.attn, mask.to(dev)], dim=1)
         return self._forward(ids.to(dev), pos.to(dev), None, None, torch.zeros(B, dtype=torch.long, device=dev))
+
+
+def score_temperature(temperature: float) -> float:
+    """The temperature a step's tokens are scored at: the sampling temperature, 1.0 for greedy (T <= 0)."""
+    return float(temperature) if temperature > 0 else 1.0
 
 
 def _prompt_key(image: np.ndarray, expression: str) -> str:

@@ -22,11 +22,13 @@ def make_engine(path):
 
 def full_reencode(engine, steps):
     """One trajectory alone, no cache, positions computed by the model itself: per generated token its log-prob
-    and the argmax of the next-token distribution (same LogitFilter)."""
-    ids, gen_pos, pixels, grids = [], [], [], []
+    under log_softmax(logits / T) at its step's recorded temperature, and the argmax of the next-token
+    distribution (same LogitFilter)."""
+    ids, gen_pos, pixels, grids, temps = [], [], [], [], []
     for r in steps:
         ids += r.injected_ids
         gen_pos += list(range(len(ids), len(ids) + len(r.token_ids)))
+        temps += [r.temperature] * len(r.token_ids)
         ids += r.token_ids
         pixels.append(r.chunk.pixel_values)
         grids.append(r.chunk.image_grid_thw)
@@ -37,9 +39,9 @@ def full_reencode(engine, steps):
             image_grid_thw=torch.cat(grids), mm_token_type_ids=mm_token_types(x, engine.layout.image_token_id),
             use_cache=False,
         ).logits[0]  # fmt: skip
-    logp = torch.log_softmax(engine.filter(logits), -1)
-    lp = torch.stack([logp[j - 1, ids[j]] for j in gen_pos])
-    argmax = [int(logp[j - 1].argmax()) for j in gen_pos]
+    logits = engine.filter(logits)
+    lp = torch.stack([torch.log_softmax(logits[j - 1] / T, -1)[ids[j]] for j, T in zip(gen_pos, temps)])
+    argmax = [int(logits[j - 1].argmax()) for j in gen_pos]
     return lp, argmax
 
 
@@ -59,6 +61,7 @@ def test_cached_batched_equals_full_reencode(tiny_any):
     r1 = eng.refine([rand_image(10 + i, *im.shape[:2]) for i, im in enumerate(images)], 0.7, 9)
     r2 = eng.refine([rand_image(20 + i, *im.shape[:2]) for i, im in enumerate(images)], 0.0, 8)  # greedy
     assert len({tuple(r.token_ids) for r in r0}) > 1  # sampling differs across the rows of a group
+    assert [r0[0].temperature, r1[0].temperature, r2[0].temperature] == [1.0, 0.7, 1.0]  # greedy scores at 1
     for b in range(len(images)):
         lp, argmax = full_reencode(eng, [r0[b], r1[b], r2[b]])
         mine = torch.tensor(r0[b].logprobs + r1[b].logprobs + r2[b].logprobs)
