@@ -32,6 +32,7 @@ from agents.grpo_update import policy_update
 from agents.metrics import compute_metrics
 from agents.policies.base import SamplingParams
 from agents.run_logging import RunLogger, prepare_run_dir
+from agents.step_credit import update_advantages
 from ivt_env.datasets.base import DatasetError
 from rollouts.collector import Collector
 
@@ -54,10 +55,10 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
     collector = Collector(train_env, num_envs=n_slots)
     val = None
     if dist.is_main and cfg.eval_every:  # envs built once, reused by every validation
-        val_env = env_factory(cfg, cfg.val_split)
+        val_env = env_factory(cfg, cfg.val_split, size=cfg.val_size)
         val = Collector([val_env() for _ in range(max(1, min(cfg.eval_limit or n_slots, n_slots)))])
     sampling = SamplingParams(temperature_first=cfg.temperature_first, temperature_refine=cfg.temperature_refine,
-                              max_new_tokens=cfg.max_new_tokens)
+                              max_new_tokens=cfg.max_new_tokens, branch=cfg.branch_size)
     norm_len = cfg.max_new_tokens * (cfg.max_refine_steps + 1)
 
     if state["iteration"] == 0 and cfg.eval_every:  # the start point of the curves (and the first best/)
@@ -81,10 +82,12 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
                                  population_std=cfg.population_std, scale_edges=cfg.srpo_scale_edges,
                                  balance=cfg.srpo_balance)
         batch = [t for g in groups for t in g]
+        # per trajectory (B,) as in IVT, or per step (B, S) with cfg.step_advantage (agents.step_credit)
+        upd_adv = update_advantages(cfg, groups, rewards, adv)
 
         # --- update: IVT Eq. 2 over generated tokens, accumulated over grad_accum micro-batches
         t1 = time.perf_counter()
-        stats = policy_update(policy, optimizer, batch, adv.reshape(-1), grad_accum=cfg.grad_accum,
+        stats = policy_update(policy, optimizer, batch, upd_adv, grad_accum=cfg.grad_accum,
                               updates=cfg.updates_per_iter, beta=cfg.beta, entropy_coef=cfg.entropy_coef,
                               kl_estimator=cfg.kl_estimator, clip_eps=cfg.clip_eps, old_logprobs=cfg.old_logprobs,
                               aggregation=cfg.aggregation, norm_len=norm_len, max_grad_norm=cfg.max_grad_norm)

@@ -97,6 +97,11 @@ class GRPOConfig:
     """Sampling temperature at refinement steps (IVT: 0.7)."""
     max_new_tokens: int = 160
     """Generation budget per step (IVT: 160)."""
+    branch_size: int = 1
+    """M: branching groups. Each group of N holds K = N / M step-0 answers, each shared by M adjacent members
+    (sampled once, KV cache forked), which then refine on their own, so a refinement is compared with siblings that
+    saw the same overlay (use with a per-step advantage, e.g. step_advantage: branch). 1: N independent trajectories
+    (IVT)."""
 
     # ------------------------------------------------------------------------------------ optimisation
     lr: float = 2e-6
@@ -125,6 +130,13 @@ class GRPOConfig:
     """srpo: bin edges on GT box area / image area (default: small < 5%, medium < 20%, large)."""
     srpo_balance: float = 1.0
     """srpo: inter-bin balance exponent (1: every scale bin carries equal total weight; 0: off)."""
+    step_advantage: str = ""
+    """Per-step credit (agents/step_credit.py): a per-step estimator of agents.advantages (progressive:
+    SIFThinker's r_t = s_t + (s_t - group mean of s_{t-1}), group-relative per step | step_delta: step 0 by the
+    return, refinement t by its own s_t - s_{t-1} | branch: tree GRPO on branching groups), credited to the tokens
+    of each step. Empty: one advantage per trajectory from `advantage` on every token (IVT Eq. 1)."""
+    step_score: str = "iou"
+    """Per-step score s_t of the per-step estimators: iou (the step's IoU, 0 when invalid) | reward (env step reward)."""
     beta: float = 0.04
     """KL coefficient against the reference (SFT) policy (IVT: 0.04; 0 skips the reference pass)."""
     kl_estimator: str = "abs"
@@ -145,6 +157,9 @@ class GRPOConfig:
     """Validation every K iterations (and at the start and the end); 0: never."""
     eval_limit: int = 100
     """Validation samples (0: the whole split)."""
+    val_size: int = 0
+    """Size of the validation split (synthetic env only: its `split_sizes`; the first 200 scenes are the default
+    val split's, later indices are new scenes of the same stream). 0: the dataset's default size (200 synthetic)."""
     eval_greedy: bool = True
     """Validation with greedy decoding (False: the training temperatures)."""
     save_every: int = 10
@@ -176,6 +191,12 @@ class GRPOConfig:
             (self.updates_per_iter == 1 or self.clip_eps is not None,
              "updates_per_iter > 1 reuses stale samples: set clip_eps (e.g. 0.2)"),
             (not self.resume or self.out, "--resume needs --out DIR (the run folder to continue)"),
+            (self.branch_size >= 1 and self.group_size % self.branch_size == 0,
+             "branch_size must be >= 1 and divide group_size"),
+            (self.branch_size == 1 or (self.rollout_batch or 4 * self.group_size) % self.group_size == 0,
+             "branch_size > 1 needs rollout_batch to be a multiple of group_size (siblings in one batch)"),
+            (self.step_advantage != "branch" or self.branch_size >= 2, "step_advantage 'branch' needs branch_size >= 2"),
+            (self.step_score in ("iou", "reward"), "step_score must be iou|reward"),
         ]
         for ok, msg in checks:
             if not ok:

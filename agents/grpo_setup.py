@@ -88,14 +88,17 @@ def lora_settings(cfg: GRPOConfig) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------------- envs
-def env_factory(cfg: GRPOConfig, split: str) -> Callable[[], Any]:
-    """A zero-argument constructor of the grounding env for ``split`` with the configured reward and T."""
+def env_factory(cfg: GRPOConfig, split: str, size: int = 0) -> Callable[[], Any]:
+    """A zero-argument constructor of the grounding env for ``split`` with the configured reward and T; ``size`` > 0
+    sets the split's size (the synthetic dataset's ``split_sizes``: e.g. 1,000 validation scenes)."""
     import gymnasium as gym
 
     import ivt_env  # noqa: F401  (registers the ids)
 
     def make() -> Any:
         kw: dict[str, Any] = dict(split=split, max_refine_steps=cfg.max_refine_steps, reward_fn=cfg.reward)
+        if size:
+            kw["dataset_kwargs"] = {"split_sizes": {split: int(size)}}
         if cfg.data_root:
             kw["data_root"] = cfg.data_root
         return gym.make(cfg.env_id, **kw)

@@ -17,6 +17,7 @@ import torch
 
 from agents import distributed
 from agents.losses import grpo_loss
+from agents.step_credit import token_advantages
 
 
 @dataclass
@@ -76,10 +77,12 @@ def policy_update(
     norm_len: Optional[float] = None,
     max_grad_norm: float = 1.0,
 ) -> UpdateStats:
-    """``updates`` optimizer steps on ``trajectories`` with per-trajectory ``advantages`` (B,); returns the stats of
-    the first (the only one by default; later passes re-use the batch through the clipped ratio)."""
+    """``updates`` optimizer steps on ``trajectories`` with per-trajectory ``advantages`` (B,), or per-step
+    advantages (B, S) (entry (i, t) credited to the generated tokens of step t, ``agents.step_credit``); returns the
+    stats of the first (the only one by default; later passes re-use the batch through the clipped ratio)."""
     B = len(trajectories)
-    adv = torch.as_tensor(advantages, dtype=torch.float32).reshape(-1)
+    adv = torch.as_tensor(advantages, dtype=torch.float32)
+    adv = adv.reshape(-1) if adv.ndim <= 1 else adv  # (B,) per trajectory or (B, S) per step
     if adv.shape[0] != B:
         raise ValueError(f"policy_update: {adv.shape[0]} advantages for {B} trajectories")
     params = list(policy.trainable_parameters())
@@ -105,7 +108,10 @@ def policy_update(
             old = None
             if clip_eps is not None:
                 old = old_cache[c] if old_logprobs == "recompute" else rollout_logprobs(mb, tl.logprobs)
-            a = adv[idx].to(device=tl.logprobs.device, dtype=tl.logprobs.dtype)
+            if adv.ndim == 2:  # per step -> per token (B_mb, L), laid out like tl.logprobs
+                a = token_advantages(mb, adv[idx], tl.logprobs.detach())
+            else:
+                a = adv[idx].to(device=tl.logprobs.device, dtype=tl.logprobs.dtype)
             ref = ref_cache.get(c)
             out = grpo_loss(tl.logprobs, tl.mask, a, ref_logprobs=ref, entropy=tl.entropy, old_logprobs=old,
                             **loss_kw)

@@ -26,6 +26,10 @@ class SamplingParams:
     """Argmax decoding (evaluation); overrides the temperatures."""
     stop_at_box: bool = True
     """Stop a step's generation once a complete box has been emitted."""
+    branch: int = 1
+    """Branching groups (GRPO): members of a group whose ``group_member // branch`` are equal share ONE sampled
+    step-0 answer (same tokens; the VLM engine computes it once and forks its KV cache), then refine on their own.
+    1: every member samples its own step 0. Policies without support ignore it (GRPO checks)."""
 
     def temperature(self, step: int) -> float:
         return 0.0 if self.greedy else (self.temperature_first if step == 0 else self.temperature_refine)

@@ -108,11 +108,31 @@ class RolloutEngine:
     # ------------------------------------------------------------------ public steps
     @torch.no_grad()
     def start(self, images: Sequence[np.ndarray], expressions: Sequence[str], temperature: float, max_new_tokens: int,
-              stop_at_box: bool = True, stop_at_eos: bool = True) -> list[StepResult]:  # fmt: skip
+              stop_at_box: bool = True, stop_at_eos: bool = True,
+              share: Optional[Sequence[Any]] = None) -> list[StepResult]:  # fmt: skip
         """Begin a new batch: step 0 for each (image, expression). Identical prompts are encoded once.
 
         ``temperature`` <= 0 is greedy. A row stops after ``max_new_tokens``, at an end-of-turn id (unless
-        ``stop_at_eos`` is False: benchmarks) or, with ``stop_at_box``, right after a box closes."""
+        ``stop_at_eos`` is False: benchmarks) or, with ``stop_at_box``, right after a box closes.
+
+        ``share`` (branching groups): one hashable key per row; rows with equal keys (which must have the same
+        prompt) get ONE sampled step-0 answer: it is generated once for the first such row, then the KV cache,
+        mask and row state are forked along the batch (:meth:`fork`), so the shared prefix is computed once."""
+        if share is not None and len(set(share)) < len(share):
+            if len(share) != len(images):
+                raise ValueError(f"RolloutEngine.start: {len(share)} share keys for {len(images)} rows")
+            first: dict[Any, int] = {}
+            for i, k in enumerate(share):
+                first.setdefault(k, i)
+                if _prompt_key(images[i], expressions[i]) != _prompt_key(images[first[k]], expressions[first[k]]):
+                    raise ValueError(f"RolloutEngine.start: rows {first[k]} and {i} share step 0 but not the prompt")
+            reps = list(first.values())  # representative rows, in order
+            res = self.start([images[i] for i in reps], [expressions[i] for i in reps], temperature,
+                             max_new_tokens, stop_at_box, stop_at_eos)  # fmt: skip
+            slot = {k: j for j, k in enumerate(first)}
+            index = [slot[k] for k in share]
+            self.fork(index)
+            return [res[j] for j in index]
         self.reset()
         if len(images) != len(expressions) or not images:
             raise ValueError(f"RolloutEngine.start: {len(images)} images and {len(expressions)} expressions")
@@ -148,6 +168,20 @@ class RolloutEngine:
         chunks = [self.layout.refine_chunk(im) for im in images]
         self._append_chunks(chunks)
         return self._generate(chunks, temperature, max_new_tokens, stop_at_box, stop_at_eos)
+
+    def fork(self, index: Sequence[int]) -> None:
+        """Between steps: new row r continues old row ``index[r]`` (cache rows, attention mask, positions, pending
+        token and step history copied), so rows that branch from one prefix share its computation."""
+        if not self.rows or self.cache is None:
+            raise RuntimeError("RolloutEngine.fork: no batch in progress")
+        idx = torch.tensor(list(index), dtype=torch.long, device=self.device)
+        self.cache.batch_select_indices(idx)
+        self.attn = self.attn[idx]
+        if self.next_logits is not None:
+            self.next_logits = self.next_logits[idx]
+        src = self.rows
+        self.rows = [_Row(next_pos=src[j].next_pos, pending=list(src[j].pending), steps=list(src[j].steps))
+                     for j in index]
 
     # ------------------------------------------------------------------ internals
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, pixel_values: Optional[torch.Tensor],

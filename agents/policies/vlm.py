@@ -242,8 +242,12 @@ class VLMPolicy(TrainablePolicy):
         temp = sampling.temperature(t)
         with self.eval_mode():
             if t == 0:
+                share = None
+                if sampling.branch > 1 and temp > 0:  # siblings: same group, same member // branch
+                    share = [(i.get("group_id"), int(i.get("group_member", k)) // sampling.branch)
+                             for k, i in enumerate(infos)]
                 res = self.engine.start(images, [str(o["expression"]) for o in observations], temp,
-                                        sampling.max_new_tokens, sampling.stop_at_box)  # fmt: skip
+                                        sampling.max_new_tokens, sampling.stop_at_box, share=share)  # fmt: skip
             else:
                 self._check_continues(histories)
                 res = self.engine.refine(images, temp, sampling.max_new_tokens, sampling.stop_at_box)

@@ -177,3 +177,32 @@ def test_refine_needs_a_batch(tiny_q3):
     with pytest.raises(ValueError, match="2 images for a batch of 1"):
         eng.refine([rand_image(0)] * 2, 1.0, 4)
     assert np.isfinite(eng.start([rand_image(0)], ["a"], 1.0, 2)[0].logprobs).all()
+
+
+def test_branching_forks_the_cache(tiny_q3):
+    """Rows with one share key get one sampled step-0 answer, generated once (decode width = distinct keys), and
+    the forked caches continue exactly like a full re-encode of each row alone."""
+    eng = make_engine(tiny_q3)
+    eng.seed(3)
+    widths = []
+    orig = eng._forward
+
+    def spy(ids, *a, **k):
+        widths.append(tuple(ids.shape))
+        return orig(ids, *a, **k)
+
+    eng._forward = spy
+    images, exprs = batch_inputs()  # prompts 0, 0, 0, 1, 1, 2
+    share = [(0, 0), (0, 0), (0, 1), (1, 0), (1, 0), (2, 0)]
+    r0 = eng.start(images, exprs, 1.0, 12, share=share)
+    assert widths[0][0] == 3 and all(w == (4, 1) for w in widths[1:])  # 3 prompts, 4 step-0 answers
+    assert r0[0].token_ids == r0[1].token_ids and r0[3].token_ids == r0[4].token_ids
+    assert len(eng.rows) == 6 and eng.attn.shape[0] == 6
+    r1 = eng.refine([rand_image(40 + i, *im.shape[:2]) for i, im in enumerate(images)], 0.7, 9)
+    assert r1[0].token_ids != r1[1].token_ids or r1[3].token_ids != r1[4].token_ids  # siblings refine on their own
+    for b in range(6):
+        lp, _ = full_reencode(eng, [r0[b], r1[b]])
+        mine = torch.tensor(r0[b].logprobs + r1[b].logprobs)
+        assert torch.allclose(mine, lp, atol=1e-4), (b, (mine - lp).abs().max())
+    with pytest.raises(ValueError, match="share step 0 but not the prompt"):
+        eng.start(images, exprs, 1.0, 4, share=[0, 0, 0, 0, 0, 0])
