@@ -3,6 +3,8 @@
 One :class:`RolloutEngine` batch holds B trajectories (the N of a group and several groups). Per refinement step
 the injected chunk (overlay image + instruction) is appended to the SAME KV cache and generation continues; the
 prefix is never re-encoded. The step-0 prompt of a group is encoded once and its cache is expanded along the batch.
+Branching groups (GRPO ``branch_size``): rows given one ``share`` key get ONE sampled step-0 answer, generated once,
+then the cache is forked along the batch (:meth:`RolloutEngine.fork`) and each row refines on its own.
 
 Layout inside the cache: every chunk is right-padded to the batch's widest chunk, and rows that stop early keep
 feeding masked pad tokens, so the cache has masked "holes" (attention mask 0). Holes never break attention: every
