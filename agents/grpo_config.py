@@ -192,7 +192,8 @@ class GRPOConfig:
              "updates_per_iter > 1 reuses stale samples: set clip_eps (e.g. 0.2)"),
             (not self.resume or self.out, "--resume needs --out DIR (the run folder to continue)"),
             (self.branch_size >= 1 and self.group_size % self.branch_size == 0,
-             "branch_size must be >= 1 and divide group_size"),
+             f"branch_size {self.branch_size} must be >= 1 and divide group_size {self.group_size} (the CPU default "
+             "branches by 3: --branch-size 1 gives N independent trajectories)"),
             (self.branch_size == 1 or (self.rollout_batch or 4 * self.group_size) % self.group_size == 0,
              "branch_size > 1 needs rollout_batch to be a multiple of group_size (siblings in one batch)"),
             (self.step_advantage != "branch" or self.branch_size >= 2, "step_advantage 'branch' needs branch_size >= 2"),
