@@ -347,7 +347,7 @@ class Collector:
                     reason=info.get("reason"), token_ids=o.token_ids, logprobs=o.logprobs,
                     boxes_norm=[list(b) for b in info["step_boxes_norm"]] if "step_boxes_norm" in info else None,
                     injected_ids=o.injected_ids, observation=cur_obs[s]["image"] if keep_obs else None,
-                    extra=dict(o.extra) if o.extra else {},
+                    extra=dict(o.extra) if o.extra else {}, temperature=o.temperature,
                 ))
                 histories[s].append(o)
                 if not (term or trunc):

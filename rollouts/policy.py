@@ -30,6 +30,10 @@ class SamplingParams:
     """Argmax decoding (evaluation); overrides the temperatures."""
     stop_at_box: bool = True
     """Stop a step's generation once a complete box has been emitted."""
+    branch: int = 1
+    """Branching groups (GRPO): members of a group whose ``group_member // branch`` are equal share ONE sampled
+    step-0 answer (same tokens; the VLM engine computes it once and forks its KV cache), then refine on their own.
+    1: every member samples its own step 0. Policies without support ignore it (GRPO checks)."""
 
     @classmethod
     def from_config(cls, cfg: Any, greedy: bool = False) -> "SamplingParams":
@@ -50,6 +54,8 @@ class PolicyOutput:
     logprobs: Optional[list[float]] = None
     injected_ids: Optional[list[int]] = None
     extra: dict = field(default_factory=dict)
+    temperature: Optional[float] = None
+    """Temperature the ``logprobs`` are scored at (the sampling temperature; 1.0 for greedy; None: no tokens)."""
 
 
 class Policy:

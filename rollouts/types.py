@@ -7,7 +7,8 @@ policies have none). Token layout of a VLM trajectory (token-in / token-out, nev
 
 ``injected_ids`` are what the policy/environment put in context before the step's generation (the prompt with the
 image at step 0; the overlay image and corrective instruction at step t>0); ``token_ids`` are what the model
-generated, with ``logprobs`` under the sampling policy (one per generated token).
+generated, with ``logprobs`` under the sampling policy (one per generated token), i.e. at the step's sampling
+``temperature``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class Step:
     observation: Optional[np.ndarray] = field(default=None, repr=False, compare=False)  # (H, W, 3) uint8, memory only
     extra: dict = field(default_factory=dict)  # policy-specific, JSON-serialisable
     boxes_norm: Optional[list[list[float]]] = None  # multi-box episodes: every parsed box, [0, 1000]
+    # the temperature the tokens were sampled at: ``logprobs`` = log_softmax(logits / temperature) of the chosen
+    # ids, and the learner scores the tokens at it again (1.0 for greedy; None: unknown / text-only, scored at 1)
+    temperature: Optional[float] = None
 
 
 @dataclass

@@ -225,3 +225,122 @@ def srpo_bins(scales: torch.Tensor, num_bins: int = DEFAULT_SRPO_BINS) -> torch.
     a = torch.as_tensor(scales, dtype=torch.float64)
     b = torch.clamp(torch.floor(num_bins * a.clamp(min=0.0)) + 1, max=num_bins)
     return torch.where(torch.isnan(a), torch.zeros_like(b), b).long()
+
+
+
+
+# ------------------------------------------------------------------------------------------ per-step estimators
+# A per-step estimator maps per-step scores ``scores`` (G, N, S) (S = T + 1 steps; the step's IoU by default)
+# and the trajectory returns ``returns`` (G, N) to per-step advantages (G, N, S): entry (g, i, t) is credited to
+# the generated tokens of step t of trajectory i of group g (agents.grpo.step_credit lays them out per token).
+# ``branch`` = M > 1: the group holds K = N / M step-0 answers, each shared by M adjacent members ("siblings",
+# i // M equal: same step-0 tokens, so their refinements saw the same overlay); refinement steps are compared with
+# their siblings only. Register with ``@register_step_advantage("name")``; signature
+# ``fn(scores, *, returns, branch=1, eps=1e-4, population_std=False, **kwargs) -> Tensor (G, N, S)``.
+STEP_ADVANTAGES: Registry[AdvantageFn] = Registry("per-step advantage estimator")
+register_step_advantage = STEP_ADVANTAGES.register
+
+
+def available_step_advantages() -> list[str]:
+    return STEP_ADVANTAGES.names()
+
+
+def compute_step_advantages(name: str, scores: torch.Tensor, *, returns: torch.Tensor, branch: int = 1,
+                            **kwargs) -> torch.Tensor:
+    """Validate ``scores`` (G, N, S) and ``returns`` (G, N), run the registered per-step estimator ``name``."""
+    fn = STEP_ADVANTAGES.get(name)  # the error lists the known names
+    scores = torch.as_tensor(scores, dtype=torch.float64)
+    returns = _check(returns).to(torch.float64)
+    if scores.ndim != 3 or scores.shape[:2] != returns.shape:
+        raise ValueError(f"step scores must have shape (G, N, S) matching returns {tuple(returns.shape)}, got "
+                         f"{tuple(scores.shape)}")
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"step scores contain NaN/inf: {scores.tolist()}")
+    if branch < 1 or scores.shape[1] % branch:
+        raise ValueError(f"branch {branch} does not divide the group size {scores.shape[1]}")
+    bad = ~torch.isfinite(returns)  # (G, N): the non-finite rule of compute_advantages, per step
+    if bad.any():  # the bad member takes its group's finite mean (so it does not move the others) and gets 0
+        mean = torch.nanmean(torch.where(bad, torch.nan, returns), dim=1, keepdim=True).nan_to_num(0.0)
+        returns = torch.where(bad, mean.expand_as(returns), returns)
+    adv = fn(scores, returns=returns, branch=branch, **kwargs)
+    adv = adv.masked_fill(bad[:, :, None], 0.0)
+    if adv.shape != scores.shape:
+        raise ValueError(f"per-step estimator {name!r} returned shape {tuple(adv.shape)}, expected "
+                         f"{tuple(scores.shape)}")
+    return adv
+
+
+def group_normalize(x: torch.Tensor, *, eps: float = 1e-4, population_std: bool = False) -> torch.Tensor:
+    """IVT Eq. 1 along the LAST dim: ``(x - mean) / (std + eps)``, exactly 0 where all entries are equal."""
+    flat = x.reshape(-1, x.shape[-1])  # (groups, n)
+    return grpo_advantages(flat, eps=eps, population_std=population_std).reshape(x.shape)
+
+
+def _sibling_normalize(x: torch.Tensor, branch: int, **kw) -> torch.Tensor:
+    """``x`` (G, N) normalised within each block of ``branch`` adjacent members (the whole group when 1)."""
+    G, N = x.shape
+    return group_normalize(x.reshape(G, N // branch, branch), **kw).reshape(G, N) if branch > 1 else \
+        group_normalize(x, **kw)
+
+
+def _sibling_mean(x: torch.Tensor, branch: int) -> torch.Tensor:
+    """``x`` (G, N) -> (G, N): the mean over each member's comparison block (siblings, or the whole group)."""
+    G, N = x.shape
+    if branch > 1:
+        return x.reshape(G, N // branch, branch).mean(-1, keepdim=True).expand(-1, -1, branch).reshape(G, N)
+    return x.mean(-1, keepdim=True).expand(G, N)
+
+
+def _answer_returns(returns: torch.Tensor, branch: int) -> torch.Tensor:
+    """(G, N): what a step-0 answer earned: its own return, or with ``branch`` > 1 the mean return of the siblings
+    that continued it (they share those step-0 tokens)."""
+    return _sibling_mean(returns, branch) if branch > 1 else returns
+
+
+@register_step_advantage("progressive")
+def progressive_step_advantages(scores: torch.Tensor, *, returns: torch.Tensor, branch: int = 1, eps: float = 1e-4,
+                                population_std: bool = False, **_: object) -> torch.Tensor:
+    """SIFThinker's progressive reward, credited per step and made group-relative per step.
+
+    ``r_0 = s_0``; for t >= 1 ``r_t = s_t + (s_t - mean_j s_{j,t-1})`` (SIFThinker r_ans,t) with the mean over
+    the comparison block (the whole group, or the siblings when ``branch`` > 1); ``A_t`` = IVT Eq. 1 of ``r_t``
+    over that block (step 0: over the whole group), credited to the tokens of step t. Within one block the
+    progressive term shifts every member alike, so the per-step advantage ranks the members by ``s_t``: refinement
+    tokens are judged by the box they wrote, not by the group's spread of step-0 boxes.
+    """
+    kw = dict(eps=eps, population_std=population_std)
+    adv = torch.zeros_like(scores)
+    adv[:, :, 0] = group_normalize(scores[:, :, 0], **kw)
+    for t in range(1, scores.shape[2]):
+        r = 2 * scores[:, :, t] - _sibling_mean(scores[:, :, t - 1], branch)  # (G, N) SIFThinker r_ans,t
+        adv[:, :, t] = _sibling_normalize(r, branch, **kw)
+    return adv
+
+
+@register_step_advantage("step_delta")
+def delta_step_advantages(scores: torch.Tensor, *, returns: torch.Tensor, branch: int = 1, eps: float = 1e-4,
+                          population_std: bool = False, **_: object) -> torch.Tensor:
+    """Step 0 credited with the trajectory return (IVT Eq. 1 over the group; with ``branch`` > 1 each step-0 answer
+    with the mean return of its siblings), refinement step t with its OWN change ``s_t - s_{t-1}`` (Eq. 1 over the
+    comparison block): rewriting a good box exactly scores 0, a jittered copy scores below it, a correction above."""
+    kw = dict(eps=eps, population_std=population_std)
+    adv = torch.zeros_like(scores)
+    adv[:, :, 0] = group_normalize(_answer_returns(returns, branch), **kw)
+    for t in range(1, scores.shape[2]):
+        adv[:, :, t] = _sibling_normalize(scores[:, :, t] - scores[:, :, t - 1], branch, **kw)
+    return adv
+
+
+@register_step_advantage("branch")
+def branch_step_advantages(scores: torch.Tensor, *, returns: torch.Tensor, branch: int = 1, eps: float = 1e-4,
+                           population_std: bool = False, **_: object) -> torch.Tensor:
+    """Tree GRPO on branching groups: step-0 tokens get IVT Eq. 1 of the mean return of each step-0 answer's
+    siblings (over the K answers of the group), refinement tokens Eq. 1 of the trajectory return among the M
+    siblings that share their step 0 (same overlay). Needs ``branch`` > 1."""
+    if branch < 2:
+        raise ValueError("the 'branch' step advantage needs branching groups (branch_size >= 2)")
+    kw = dict(eps=eps, population_std=population_std)
+    adv = torch.zeros_like(scores)
+    adv[:, :, 0] = group_normalize(_answer_returns(returns, branch), **kw)
+    adv[:, :, 1:] = _sibling_normalize(returns, branch, **kw)[:, :, None]
+    return adv

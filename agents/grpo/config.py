@@ -86,6 +86,11 @@ class GRPOConfig:
     """Sampling temperature at refinement steps (IVT: 0.7)."""
     max_new_tokens: int = 160
     """Generation budget per step (IVT: 160)."""
+    branch_size: int = 1
+    """M: branching groups. Each group of N holds K = N / M step-0 answers, each shared by M adjacent members
+    (sampled once, KV cache forked), which then refine on their own, so a refinement is compared with siblings that
+    saw the same overlay (use with a per-step advantage, e.g. step_advantage: branch). 1: N independent trajectories
+    (IVT)."""
 
     # ------------------------------------------------------------------------------------ optimisation
     lr: float = 2e-6
@@ -113,6 +118,13 @@ class GRPOConfig:
     """grpo, srpo: divide by the population std (N) instead of the sample std (N - 1)."""
     srpo_bins: int = 3
     """srpo: K equal-width bins on the area fraction of the box each rollout grounds (Ground-R1: 3)."""
+    step_advantage: str = ""
+    """Per-step credit (agents/grpo/step_credit.py): a per-step estimator of agents.grpo.advantages (progressive:
+    SIFThinker's r_t = s_t + (s_t - group mean of s_{t-1}), group-relative per step | step_delta: step 0 by the
+    return, refinement t by its own s_t - s_{t-1} | branch: tree GRPO on branching groups), credited to the tokens
+    of each step. Empty: one advantage per trajectory from `advantage` on every token (IVT Eq. 1)."""
+    step_score: str = "iou"
+    """Per-step score s_t of the per-step estimators: iou (the step's IoU, 0 when invalid) | reward (env step reward)."""
     beta: float = 0.04
     """KL coefficient against the reference (SFT) policy (IVT: 0.04; 0 skips the reference pass)."""
     kl_estimator: str = "abs"
@@ -123,8 +135,8 @@ class GRPOConfig:
     """PPO ratio clipping epsilon (None: plain REINFORCE as in IVT Eq. 2)."""
     old_logprobs: str = "rollout"
     """Behaviour log-probs for the clipped ratio: rollout (Step.logprobs recorded while sampling; the VLM policy
-    records the model's own temperature-1 log-probs) | recompute (one extra teacher-forced pass before the first
-    update: for policies whose recorded log-probs include the sampling temperature)."""
+    records log_softmax(logits / T) at each step's sampling temperature T, the same scoring as its teacher-forced
+    pass) | recompute (one extra teacher-forced pass before the first update)."""
     aggregation: str = "token_mean"
     """Token aggregation of the loss: token_mean (TRL dapo) | seq_mean (TRL grpo) | seq_sum_norm (TRL dr_grpo)."""
     entropy_aggregation: str = "token_mean"
@@ -138,6 +150,9 @@ class GRPOConfig:
     """Validation every K iterations (and at the start and the end); 0: never."""
     eval_limit: int = 100
     """Validation samples (0: the whole split)."""
+    val_size: int = 0
+    """Size of the validation split (synthetic env only: its `split_sizes`; the first 200 scenes are the default
+    val split's, later indices are new scenes of the same stream). 0: the dataset's default size (200 synthetic)."""
     eval_greedy: bool = True
     """Validation with greedy decoding (False: the training temperatures)."""
     save_every: int = 10
@@ -175,6 +190,13 @@ class GRPOConfig:
              "updates_per_iter > 1 reuses stale samples: set clip_eps (e.g. 0.2)"),
             (not self.resume or self.out, "--resume needs --out DIR (the run folder to continue)"),
             (not (self.resume and self.overwrite), "give --resume (continue) or --overwrite (start clean), not both"),
+            (self.branch_size >= 1 and self.group_size % self.branch_size == 0,
+             f"branch_size {self.branch_size} must be >= 1 and divide group_size {self.group_size} (the CPU default "
+             "branches by 3: --branch-size 1 gives N independent trajectories)"),
+            (self.branch_size == 1 or (self.rollout_batch or 4 * self.group_size) % self.group_size == 0,
+             "branch_size > 1 needs rollout_batch to be a multiple of group_size (siblings in one batch)"),
+            (self.step_advantage != "branch" or self.branch_size >= 2, "step_advantage 'branch' needs branch_size >= 2"),
+            (self.step_score in ("iou", "reward"), "step_score must be iou|reward"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -138,14 +138,19 @@ def grpo_loss(
 
     Shapes: ``logprobs``, ``mask``, ``ref_logprobs``, ``entropy``, ``old_logprobs``: (B, L), generated tokens of
     all steps concatenated (``TokenLogprobs``); ``advantages``: (B,), one per trajectory (IVT scores whole
-    trajectories). ``beta > 0`` needs ``ref_logprobs``; ``clip_eps`` needs ``old_logprobs``.
+    trajectories), or (B, L), one per token (per-step credit, ``agents.grpo.step_credit``). ``beta > 0`` needs
+    ``ref_logprobs``; ``clip_eps`` needs ``old_logprobs``.
     """
     mask = mask.bool()
     B = logprobs.shape[0]
-    adv = torch.as_tensor(advantages, dtype=logprobs.dtype, device=logprobs.device).reshape(-1)
-    if adv.shape[0] != B:
-        raise ValueError(f"grpo_loss: {adv.shape[0]} advantages for {B} trajectories")
-    adv = adv[:, None]  # (B, 1)
+    adv = torch.as_tensor(advantages, dtype=logprobs.dtype, device=logprobs.device)
+    if adv.ndim == 2 and adv.shape == logprobs.shape:
+        pass  # (B, L) per token
+    else:
+        adv = adv.reshape(-1)
+        if adv.shape[0] != B:
+            raise ValueError(f"grpo_loss: {adv.shape[0]} advantages for {B} trajectories")
+        adv = adv[:, None]  # (B, 1)
     agg = lambda x: aggregate(x, mask, aggregation, num_tokens=num_tokens, num_seqs=num_seqs,  # noqa: E731
                               norm_len=norm_len)
 

@@ -74,10 +74,12 @@ def lora_settings(cfg: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------------- envs
-def env_factory(cfg: GRPOConfig, split: str) -> Callable[[], Any]:
-    """A zero-argument constructor of the grounding env for ``split`` with the configured reward and T."""
+def env_factory(cfg: GRPOConfig, split: str, size: int = 0) -> Callable[[], Any]:
+    """A zero-argument constructor of the grounding env for ``split`` with the configured reward and T; ``size`` > 0
+    sets the split's size (the synthetic dataset's ``split_sizes``: e.g. 1,000 validation scenes)."""
     return make_env(cfg.env_id, split=split, max_refine_steps=cfg.max_refine_steps, reward_fn=cfg.reward,
-                    data_root=cfg.data_root or None)
+                    data_root=cfg.data_root or None,
+                    dataset_kwargs={"split_sizes": {split: int(size)}} if size else None)
 
 
 def split_size(env_fn: Callable[[], Any]) -> int:

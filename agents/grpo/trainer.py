@@ -12,6 +12,7 @@ With no arguments: ``configs/grpo_cpu.yaml`` (the tiny model on IVT-Synthetic-v0
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 import warnings
@@ -35,6 +36,7 @@ from agents.grpo.update import NonFiniteUpdateError, check_finite_state, policy_
 from agents.preflight import check_grpo
 from agents.policies.base import SamplingParams
 from agents.common.run_logging import RunLogger, prepare_run_dir, truncate_scalars
+from agents.grpo.step_credit import update_advantages
 from ivt_env.datasets.base import DatasetError
 from rollouts.collector import Collector
 
@@ -58,9 +60,9 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
     collector = Collector(train_env, num_envs=n_slots)
     val = None
     if dist.is_main and cfg.eval_every:  # envs built once, reused by every validation
-        val_env = env_factory(cfg, cfg.val_split)
+        val_env = env_factory(cfg, cfg.val_split, size=cfg.val_size)
         val = Collector([val_env() for _ in range(max(1, min(cfg.eval_limit or n_slots, n_slots)))])
-    sampling = SamplingParams.from_config(cfg)
+    sampling = dataclasses.replace(SamplingParams.from_config(cfg), branch=cfg.branch_size)
     norm_len = cfg.max_new_tokens * (cfg.max_refine_steps + 1)
 
     if state["iteration"] == 0 and cfg.eval_every:  # the start point of the curves (and the first best/)
@@ -87,10 +89,12 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         adv = compute_advantages(cfg.advantage, rewards, scales=scales, eps=cfg.adv_eps,
                                  population_std=cfg.population_std, num_bins=cfg.srpo_bins)
         batch = [t for g in groups for t in g]
+        # per trajectory (B,) as in IVT, or per step (B, S) with cfg.step_advantage (agents.grpo.step_credit)
+        upd_adv = update_advantages(cfg, groups, rewards, adv)
 
         # --- update: IVT Eq. 2 over generated tokens, accumulated over grad_accum micro-batches
         t1 = time.perf_counter()
-        stats = policy_update(policy, optimizer, batch, adv.reshape(-1), grad_accum=cfg.grad_accum,
+        stats = policy_update(policy, optimizer, batch, upd_adv, grad_accum=cfg.grad_accum,
                               updates=cfg.updates_per_iter, beta=cfg.beta, entropy_coef=cfg.entropy_coef,
                               kl_estimator=cfg.kl_estimator, clip_eps=cfg.clip_eps, old_logprobs=cfg.old_logprobs,
                               aggregation=cfg.aggregation, norm_len=norm_len, max_grad_norm=cfg.max_grad_norm,

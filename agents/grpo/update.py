@@ -24,6 +24,7 @@ import torch
 
 from agents.common import distributed
 from agents.grpo.losses import grpo_loss
+from agents.grpo.step_credit import token_advantages
 
 
 @dataclass
@@ -119,11 +120,13 @@ def policy_update(
     max_grad_norm: float = 1.0,
     entropy_aggregation: str = "token_mean",
 ) -> UpdateStats:
-    """``updates`` optimizer steps on ``trajectories`` with per-trajectory ``advantages`` (B,); returns the stats of
-    the first (the only one by default; later passes re-use the batch through the clipped ratio), or of the first
-    skipped one (``skipped`` set: no optimizer step was taken from then on)."""
+    """``updates`` optimizer steps on ``trajectories`` with per-trajectory ``advantages`` (B,), or per-step
+    advantages (B, S) (entry (i, t) credited to the generated tokens of step t, ``agents.grpo.step_credit``); returns
+    the stats of the first (the only one by default; later passes re-use the batch through the clipped ratio), or of
+    the first skipped one (``skipped`` set: no optimizer step was taken from then on)."""
     B = len(trajectories)
-    adv = torch.as_tensor(advantages, dtype=torch.float32).reshape(-1)
+    adv = torch.as_tensor(advantages, dtype=torch.float32)
+    adv = adv.reshape(-1) if adv.ndim <= 1 else adv  # (B,) per trajectory or (B, S) per step
     if adv.shape[0] != B:
         raise ValueError(f"policy_update: {adv.shape[0]} advantages for {B} trajectories")
     params = list(policy.trainable_parameters())
@@ -156,7 +159,10 @@ def policy_update(
             old = None
             if clip_eps is not None:
                 old = old_cache[c] if old_logprobs == "recompute" else rollout_logprobs(mb, tl.logprobs)
-            a = adv[idx].to(device=tl.logprobs.device, dtype=tl.logprobs.dtype)
+            if adv.ndim == 2:  # per step -> per token (B_mb, L), laid out like tl.logprobs
+                a = token_advantages(mb, adv[idx], tl.logprobs.detach())
+            else:
+                a = adv[idx].to(device=tl.logprobs.device, dtype=tl.logprobs.dtype)
             ref = ref_cache.get(c)
             out = grpo_loss(tl.logprobs, tl.mask, a, ref_logprobs=ref, entropy=tl.entropy, old_logprobs=old,
                             **loss_kw)

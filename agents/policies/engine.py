@@ -3,6 +3,8 @@
 One :class:`RolloutEngine` batch holds B trajectories (the N of a group and several groups). Per refinement step
 the injected chunk (overlay image + instruction) is appended to the SAME KV cache and generation continues; the
 prefix is never re-encoded. The step-0 prompt of a group is encoded once and its cache is expanded along the batch.
+Branching groups (GRPO ``branch_size``): rows given one ``share`` key get ONE sampled step-0 answer, generated once,
+then the cache is forked along the batch (:meth:`RolloutEngine.fork`) and each row refines on its own.
 
 Layout inside the cache: every chunk is right-padded to the batch's widest chunk, and rows that stop early keep
 feeding masked pad tokens, so the cache has masked "holes" (attention mask 0). Holes never break attention: every
@@ -12,9 +14,11 @@ chunk with the model's own ``get_rope_index`` (shift-invariant, so a chunk's pos
 plus the row's next position), text tokens continue at ``max position + 1``. ``pixel_values`` of the NEW images
 only are passed with each chunk. A test checks that tokens (greedy) and log-probs equal a plain full re-encode.
 
-Log-probs are those of the model's own distribution (``log_softmax(logits)``, temperature 1) of each generated
-token, i.e. exactly what :meth:`VLMPolicy.token_logprobs` recomputes by teacher forcing; the sampling temperature
-only changes which token is drawn. Both places use the same :class:`LogitFilter` (ids the tokenizer does not know
+Log-probs are those of the distribution each token was drawn from: ``log_softmax(logits / T)`` at the step's
+sampling temperature T (greedy steps are scored at T = 1), i.e. exactly what :meth:`VLMPolicy.token_logprobs`
+recomputes by teacher forcing from the temperature recorded per step (``StepResult.temperature`` ->
+``Step.temperature``). Scoring tokens drawn at 0.7 with temperature-1 log-probs would bias the policy gradient
+(DESIGN.md, "Sampling temperature"). Both places use the same :class:`LogitFilter` (ids the tokenizer does not know
 left out, multimodal placeholder tokens banned).
 """
 
@@ -62,6 +66,7 @@ class StepResult:
     logprobs: list[float]
     stop: str  # "box" | "eos" | "length"
     chunk: Chunk = field(repr=False)
+    temperature: float = 1.0  # the distribution the log-probs are scored under: sampling T, 1.0 for greedy
 
 
 @dataclass
@@ -105,11 +110,31 @@ class RolloutEngine:
     # ------------------------------------------------------------------ public steps
     @torch.no_grad()
     def start(self, images: Sequence[np.ndarray], expressions: Sequence[str], temperature: float, max_new_tokens: int,
-              stop_at_box: bool = True, stop_at_eos: bool = True) -> list[StepResult]:
+              stop_at_box: bool = True, stop_at_eos: bool = True,
+              share: Optional[Sequence[Any]] = None) -> list[StepResult]:
         """Begin a new batch: step 0 for each (image, expression). Identical prompts are encoded once.
 
         ``temperature`` <= 0 is greedy. A row stops after ``max_new_tokens``, at an end-of-turn id (unless
-        ``stop_at_eos`` is False: benchmarks) or, with ``stop_at_box``, right after a box closes."""
+        ``stop_at_eos`` is False: benchmarks) or, with ``stop_at_box``, right after a box closes.
+
+        ``share`` (branching groups): one hashable key per row; rows with equal keys (which must have the same
+        prompt) get ONE sampled step-0 answer: it is generated once for the first such row, then the KV cache,
+        mask and row state are forked along the batch (:meth:`fork`), so the shared prefix is computed once."""
+        if share is not None and len(set(share)) < len(share):
+            if len(share) != len(images):
+                raise ValueError(f"RolloutEngine.start: {len(share)} share keys for {len(images)} rows")
+            first: dict[Any, int] = {}
+            for i, k in enumerate(share):
+                first.setdefault(k, i)
+                if _prompt_key(images[i], expressions[i]) != _prompt_key(images[first[k]], expressions[first[k]]):
+                    raise ValueError(f"RolloutEngine.start: rows {first[k]} and {i} share step 0 but not the prompt")
+            reps = list(first.values())  # representative rows, in order
+            res = self.start([images[i] for i in reps], [expressions[i] for i in reps], temperature,
+                             max_new_tokens, stop_at_box, stop_at_eos)
+            slot = {k: j for j, k in enumerate(first)}
+            index = [slot[k] for k in share]
+            self.fork(index)
+            return [res[j] for j in index]
         self.reset()
         if len(images) != len(expressions) or not images:
             raise ValueError(f"RolloutEngine.start: {len(images)} images and {len(expressions)} expressions")
@@ -145,6 +170,20 @@ class RolloutEngine:
         chunks = [self.layout.refine_chunk(im) for im in images]
         self._append_chunks(chunks)
         return self._generate(chunks, temperature, max_new_tokens, stop_at_box, stop_at_eos)
+
+    def fork(self, index: Sequence[int]) -> None:
+        """Between steps: new row r continues old row ``index[r]`` (cache rows, attention mask, positions, pending
+        token and step history copied), so rows that branch from one prefix share its computation."""
+        if not self.rows or self.cache is None:
+            raise RuntimeError("RolloutEngine.fork: no batch in progress")
+        idx = torch.tensor(list(index), dtype=torch.long, device=self.device)
+        self.cache.batch_select_indices(idx)
+        self.attn = self.attn[idx]
+        if self.next_logits is not None:
+            self.next_logits = self.next_logits[idx]
+        src = self.rows
+        self.rows = [_Row(next_pos=src[j].next_pos, pending=list(src[j].pending), steps=list(src[j].steps))
+                     for j in index]
 
     # ------------------------------------------------------------------ internals
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, pixel_values: Optional[torch.Tensor],
@@ -223,12 +262,13 @@ class RolloutEngine:
         logits = self.next_logits
         for k in range(max_new_tokens):
             logits = self.filter(logits)  # (B, V)
-            logp = torch.log_softmax(logits, dim=-1)
             if temperature <= 0:
                 tok = logits.argmax(dim=-1)
+                logp = torch.log_softmax(logits, dim=-1)  # greedy: scored at T = 1
             else:
-                probs = torch.softmax(logits / temperature, dim=-1)
-                tok = sample_inverse_cdf(probs, self.generator)
+                scaled = logits / temperature  # (B, V) the sampling distribution's logits
+                logp = torch.log_softmax(scaled, dim=-1)
+                tok = sample_inverse_cdf(torch.softmax(scaled, dim=-1), self.generator)
             lp = logp.gather(1, tok[:, None]).squeeze(1)
             active = ~done
             is_eos = torch.isin(tok, stop_ids) & active
@@ -253,7 +293,7 @@ class RolloutEngine:
         self.next_logits = None
         results = []
         for b, row in enumerate(self.rows):
-            res = StepResult(list(chunks[b].ids), gen[b], lps[b], why[b], chunks[b])
+            res = StepResult(list(chunks[b].ids), gen[b], lps[b], why[b], chunks[b], score_temperature(temperature))
             row.steps.append(res)
             results.append(res)
         return results
@@ -273,6 +313,11 @@ class RolloutEngine:
                 row.next_pos += 1
         self.attn = torch.cat([self.attn, mask.to(dev)], dim=1)
         return self._forward(ids.to(dev), pos.to(dev), None, None, torch.zeros(B, dtype=torch.long, device=dev))
+
+
+def score_temperature(temperature: float) -> float:
+    """The temperature a step's tokens are scored at: the sampling temperature, 1.0 for greedy (T <= 0)."""
+    return float(temperature) if temperature > 0 else 1.0
 
 
 def _prompt_key(image: np.ndarray, expression: str) -> str:

@@ -38,6 +38,7 @@ class EncodedTrajectory:
     pixel_values: torch.Tensor  # (P, D): all images of the trajectory, step order
     image_grid_thw: torch.Tensor  # (n_steps, 3)
     step_index: torch.Tensor  # (L,) long: the step each token belongs to
+    step_temperature: Optional[torch.Tensor] = None  # (n_steps,) float: each step's sampling temperature (1 if unknown)
 
     @property
     def n_generated(self) -> int:
@@ -52,6 +53,7 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
     ids: list[int] = []
     labels: list[int] = []
     steps: list[int] = []
+    temps: list[float] = []
     pixels, grids = [], []
     for t, (st, image) in enumerate(zip(traj.steps, images)):
         chunk = layout.first_chunk(image, traj.expression) if t == 0 else layout.refine_chunk(image)
@@ -73,6 +75,7 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
         ids += injected + gen
         labels += [IGNORE] * len(injected) + gen
         steps += [t] * (len(injected) + len(gen))
+        temps.append(float(getattr(st, "temperature", None) or 1.0))  # None (teacher text, old data): T = 1
         pixels.append(chunk.pixel_values)
         grids.append(chunk.image_grid_thw)
     input_ids = torch.tensor(ids, dtype=torch.long)
@@ -83,6 +86,7 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
         pixel_values=torch.cat(pixels),
         image_grid_thw=torch.cat(grids),
         step_index=torch.tensor(steps, dtype=torch.long),
+        step_temperature=torch.tensor(temps, dtype=torch.float32),
     )
 
 
@@ -132,10 +136,24 @@ class NumberSmoothing:
         return lp.index_put((rows.to(dev),), soft)
 
 
+def token_temperatures(encoded: Sequence[EncodedTrajectory]) -> torch.Tensor:
+    """(B, L) float: the sampling temperature of every token's step, right-padded with 1 (layout of the batch)."""
+    L = max(e.input_ids.shape[0] for e in encoded)
+    out = torch.ones((len(encoded), L), dtype=torch.float32)
+    for b, e in enumerate(encoded):
+        if e.step_temperature is not None:
+            out[b, : e.input_ids.shape[0]] = e.step_temperature[e.step_index]
+    return out
+
+
 def teacher_forced(model: Any, encoded: Sequence[EncodedTrajectory], pad_id: int, logit_filter: LogitFilter,
                    entropy: bool = True, smoothing: Optional[NumberSmoothing] = None,
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   temperature: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probs, entropies and mask of the generated tokens of a batch, right-padded: each ``(B, G)``.
+
+    ``temperature=True`` (GRPO: the policy scoring its own samples): each token is scored under the distribution
+    it was sampled from, ``log_softmax(logits / T_step)`` with its step's ``step_temperature``, and the entropy is
+    that distribution's; False (behaviour cloning): temperature 1.
 
     ``smoothing`` (behaviour cloning only): the log-prob of a number token is replaced by its expected log-prob
     under the soft target (:class:`NumberSmoothing`); without it the values are the exact ``log p(token)``.
@@ -171,6 +189,8 @@ def teacher_forced(model: Any, encoded: Sequence[EncodedTrajectory], pad_id: int
     G = int(sel.sum(1).max()) if B else 0
     b_dev, j_dev, col_dev = b_idx.to(dev), j_idx.to(dev), col.to(dev)
     logits = logit_filter(model.lm_head(hidden[b_dev, j_dev - 1]))  # (N, V): position j-1 predicts j
+    if temperature:
+        logits = logits / token_temperatures(encoded)[sel].to(dev, logits.dtype)[:, None]  # (N, V) / (N, 1)
     logp_all = torch.log_softmax(logits, dim=-1)
     target = labels[b_idx, j_idx].to(dev)
     if smoothing is None:

@@ -17,7 +17,8 @@ Public API (other modules call these)::
 ``act`` works on lock-step batches (rollouts.collector): at step 0 (empty histories) it starts a new engine batch,
 at step t it checks that ``histories`` continue that batch and appends the overlay image + instruction to the KV
 cache (see :mod:`agents.policies.engine`). Per step the :class:`PolicyOutput` carries ``token_ids`` (generated),
-``logprobs`` (log-softmax at temperature 1 of each generated token), ``injected_ids`` (what was put in context
+``logprobs`` (``log_softmax(logits / T)`` of each generated token at the step's sampling temperature T, 1 for
+greedy; ``temperature`` records T), ``injected_ids`` (what was put in context
 before generating) and ``extra`` (``stop``: box | eos | length; for absolute-pixel models ``raw_text``, the
 model's own text, while ``text`` given to the env has its boxes converted to [0, 1000]).
 
@@ -246,8 +247,12 @@ class VLMPolicy(TrainablePolicy):
         temp = sampling.temperature(t)
         with self.eval_mode():
             if t == 0:
+                share = None
+                if sampling.branch > 1 and temp > 0:  # siblings: same group, same member // branch
+                    share = [(i.get("group_id"), int(i.get("group_member", k)) // sampling.branch)
+                             for k, i in enumerate(infos)]
                 res = self.engine.start(images, [str(o["expression"]) for o in observations], temp,
-                                        sampling.max_new_tokens, sampling.stop_at_box)
+                                        sampling.max_new_tokens, sampling.stop_at_box, share=share)
             else:
                 self._check_continues(histories)
                 res = self.engine.refine(images, temp, sampling.max_new_tokens, sampling.stop_at_box)
@@ -259,7 +264,8 @@ class VLMPolicy(TrainablePolicy):
             if text != raw:
                 extra["raw_text"] = raw
             outs.append(PolicyOutput(text=text, token_ids=list(r.token_ids), logprobs=list(r.logprobs),
-                                     injected_ids=list(r.injected_ids), extra=extra))
+                                     injected_ids=list(r.injected_ids), extra=extra,
+                                     temperature=r.temperature))
         return outs
 
     def _check_continues(self, histories: Sequence[Sequence[PolicyOutput]]) -> None:
@@ -303,8 +309,10 @@ class VLMPolicy(TrainablePolicy):
     def token_logprobs(
         self, trajectories: Sequence[Any], *, reference: bool = False, grad: bool = True
     ) -> TokenLogprobs:
-        """Teacher-forced log-probs and entropies of the generated tokens (B, G), right-padded, with ``mask``.
-        ``reference=True``: the frozen reference (adapter disabled / frozen copy), never with grad."""
+        """Teacher-forced log-probs and entropies of the generated tokens (B, G), right-padded, with ``mask``, each
+        token scored at its step's sampling temperature (``Step.temperature``; 1 for greedy or unknown), as the
+        rollout scored it. ``reference=True``: the frozen reference (adapter disabled / frozen copy) at the same
+        temperatures (the KL term compares like with like), never with grad."""
         if reference and self.reference == "none":
             raise ValueError("token_logprobs(reference=True): this policy was loaded with reference='none' (no "
                              "frozen reference); load it with reference='initial' or 'base' for a KL term")
@@ -312,10 +320,12 @@ class VLMPolicy(TrainablePolicy):
         if reference:
             model = self.ref_model if self.ref_model is not None else self.hf_model
             with torch.no_grad(), self._reference_context(), self.eval_mode():
-                lp, ent, mask = teacher_forced(model, encoded, self.layout.pad_id, self.logit_filter)
+                lp, ent, mask = teacher_forced(model, encoded, self.layout.pad_id, self.logit_filter,
+                                               temperature=True)
         else:
             with torch.set_grad_enabled(grad):
-                lp, ent, mask = teacher_forced(self.hf_model, encoded, self.layout.pad_id, self.logit_filter)
+                lp, ent, mask = teacher_forced(self.hf_model, encoded, self.layout.pad_id, self.logit_filter,
+                                               temperature=True)
         return TokenLogprobs(logprobs=lp, entropy=ent, mask=mask)
 
     def bc_loss(self, trajectories: Sequence[Any], options: Optional[BCLossOptions] = None) -> tuple[torch.Tensor, int]:

@@ -105,7 +105,8 @@ def train_all(cfg: ReproduceConfig, out: Path) -> dict[str, Path]:
     base = stage("base", _bc_stage, exp_name="tiny_base", stop_after=phase1, eval_every=phase1 // 9, eval_steps=0)
     sft = stage("bc", _bc_stage)
     grpo = stage("grpo", _grpo_stage, sft)
-    single = stage("grpo_single", _grpo_stage, sft, max_refine_steps=0, exp_name="grpo_cpu_single_step")
+    single = stage("grpo_single", _grpo_stage, sft, max_refine_steps=0, exp_name="grpo_cpu_single_step",
+                   branch_size=1, step_advantage="")  # one box per trajectory: nothing to branch or credit per step
     return {"base": base, "sft": sft, "grpo": grpo, "grpo_single": single}
 
 

@@ -64,6 +64,7 @@ def test_torchrun_two_ranks_identical_parameters(tmp_path):
            "-m", "agents.grpo", "train", "--init-from", str(model), "--out", str(out), "--iterations", "1",
            "--max-refine-steps", "1", "--group-size", "2", "--prompts-per-iter", "2", "--grad-accum", "2",
            "--max-new-tokens", "6", "--lr", "1e-2", "--eval-every", "0", "--image-every", "0", "--progress", "False",
+           "--branch-size", "1",
            "--lora.rank", "4", "--lora.alpha", "8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -60,7 +60,7 @@ def test_nan_rewards_get_zero_advantage_are_counted_and_named(tmp_path):
 def test_huge_reward_skips_updates_then_stops_clearly(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["train", "--policy", "tests.agents.toy_policy:ToyBoxPolicy", "--init-from", "", "--out", str(out),
-            "--iterations", "5", "--max-refine-steps", "1", "--group-size", "4", "--prompts-per-iter", "2",
+            "--iterations", "5", "--max-refine-steps", "1", "--group-size", "4", "--branch-size", "1", "--prompts-per-iter", "2",
             "--lr", "0.5", "--beta", "0", "--eval-every", "0", "--save-every", "1", "--image-every", "0",
             "--progress", "False", "--reward", "tests.agents.grpo.test_nonfinite:huge", "--max-skipped-updates", "2"]
     with warnings.catch_warnings():

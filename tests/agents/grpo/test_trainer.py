@@ -268,3 +268,27 @@ def test_used_out_folder_is_refused_or_overwritten(tiny_model, tmp_path):
         grpo.train(_cfg(tiny_model, out))
     with pytest.raises(ValueError, match="not both"):
         grpo.train(_cfg(tiny_model, out, overwrite=True, resume=True))
+
+
+def test_branching_groups_with_per_step_advantages(tiny_model, tmp_path, monkeypatch):
+    """branch_size 2: siblings share their step-0 tokens; the update receives per-step advantages (B, T + 1);
+    val_size sets the validation split's size."""
+    seen = {}
+    real_update = grpo.policy_update
+
+    def spy(policy, optimizer, batch, adv, **kw):
+        seen["batch"], seen["adv"] = batch, adv
+        return real_update(policy, optimizer, batch, adv, **kw)
+
+    monkeypatch.setattr(grpo, "policy_update", spy)
+    cfg = _cfg(tiny_model, tmp_path / "run", group_size=4, branch_size=2, step_advantage="progressive",
+               eval_every=1, eval_limit=3, val_size=3)
+    summary = grpo.train(cfg)
+    assert summary["iterations"] == 1 and summary["last_eval"] is not None
+    batch, adv = seen["batch"], seen["adv"]
+    assert tuple(adv.shape) == (8, 2)
+    for k in range(0, 8, 2):
+        assert batch[k].steps[0].token_ids == batch[k + 1].steps[0].token_ids
+        assert batch[k].group_id == batch[k + 1].group_id
+    with pytest.raises(ValueError, match="branch_size"):
+        _cfg(tiny_model, tmp_path / "x", group_size=4, branch_size=3).validate()

@@ -22,11 +22,13 @@ def make_engine(path):
 
 def full_reencode(engine, steps):
     """One trajectory alone, no cache, positions computed by the model itself: per generated token its log-prob
-    and the argmax of the next-token distribution (same LogitFilter)."""
-    ids, gen_pos, pixels, grids = [], [], [], []
+    under log_softmax(logits / T) at its step's recorded temperature, and the argmax of the next-token
+    distribution (same LogitFilter)."""
+    ids, gen_pos, pixels, grids, temps = [], [], [], [], []
     for r in steps:
         ids += r.injected_ids
         gen_pos += list(range(len(ids), len(ids) + len(r.token_ids)))
+        temps += [r.temperature] * len(r.token_ids)
         ids += r.token_ids
         pixels.append(r.chunk.pixel_values)
         grids.append(r.chunk.image_grid_thw)
@@ -37,9 +39,9 @@ def full_reencode(engine, steps):
             image_grid_thw=torch.cat(grids), mm_token_type_ids=mm_token_types(x, engine.layout.image_token_id),
             use_cache=False,
         ).logits[0]
-    logp = torch.log_softmax(engine.filter(logits), -1)
-    lp = torch.stack([logp[j - 1, ids[j]] for j in gen_pos])
-    argmax = [int(logp[j - 1].argmax()) for j in gen_pos]
+    logits = engine.filter(logits)
+    lp = torch.stack([torch.log_softmax(logits[j - 1] / T, -1)[ids[j]] for j, T in zip(gen_pos, temps)])
+    argmax = [int(logits[j - 1].argmax()) for j in gen_pos]
     return lp, argmax
 
 
@@ -59,6 +61,7 @@ def test_cached_batched_equals_full_reencode(tiny_any):
     r1 = eng.refine([rand_image(10 + i, *im.shape[:2]) for i, im in enumerate(images)], 0.7, 9)
     r2 = eng.refine([rand_image(20 + i, *im.shape[:2]) for i, im in enumerate(images)], 0.0, 8)  # greedy
     assert len({tuple(r.token_ids) for r in r0}) > 1  # sampling differs across the rows of a group
+    assert [r0[0].temperature, r1[0].temperature, r2[0].temperature] == [1.0, 0.7, 1.0]  # greedy scores at 1
     for b in range(len(images)):
         lp, argmax = full_reencode(eng, [r0[b], r1[b], r2[b]])
         mine = torch.tensor(r0[b].logprobs + r1[b].logprobs + r2[b].logprobs)
@@ -174,3 +177,32 @@ def test_refine_needs_a_batch(tiny_q3):
     with pytest.raises(ValueError, match="2 images for a batch of 1"):
         eng.refine([rand_image(0)] * 2, 1.0, 4)
     assert np.isfinite(eng.start([rand_image(0)], ["a"], 1.0, 2)[0].logprobs).all()
+
+
+def test_branching_forks_the_cache(tiny_q3):
+    """Rows with one share key get one sampled step-0 answer, generated once (decode width = distinct keys), and
+    the forked caches continue exactly like a full re-encode of each row alone."""
+    eng = make_engine(tiny_q3)
+    eng.seed(3)
+    widths = []
+    orig = eng._forward
+
+    def spy(ids, *a, **k):
+        widths.append(tuple(ids.shape))
+        return orig(ids, *a, **k)
+
+    eng._forward = spy
+    images, exprs = batch_inputs()  # prompts 0, 0, 0, 1, 1, 2
+    share = [(0, 0), (0, 0), (0, 1), (1, 0), (1, 0), (2, 0)]
+    r0 = eng.start(images, exprs, 1.0, 12, share=share)
+    assert widths[0][0] == 3 and all(w == (4, 1) for w in widths[1:])  # 3 prompts, 4 step-0 answers
+    assert r0[0].token_ids == r0[1].token_ids and r0[3].token_ids == r0[4].token_ids
+    assert len(eng.rows) == 6 and eng.attn.shape[0] == 6
+    r1 = eng.refine([rand_image(40 + i, *im.shape[:2]) for i, im in enumerate(images)], 0.7, 9)
+    assert r1[0].token_ids != r1[1].token_ids or r1[3].token_ids != r1[4].token_ids  # siblings refine on their own
+    for b in range(6):
+        lp, _ = full_reencode(eng, [r0[b], r1[b]])
+        mine = torch.tensor(r0[b].logprobs + r1[b].logprobs)
+        assert torch.allclose(mine, lp, atol=1e-4), (b, (mine - lp).abs().max())
+    with pytest.raises(ValueError, match="share step 0 but not the prompt"):
+        eng.start(images, exprs, 1.0, 4, share=[0, 0, 0, 0, 0, 0])

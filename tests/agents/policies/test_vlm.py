@@ -70,6 +70,37 @@ def test_token_logprobs_equal_rollout_logprobs(trajs, policy):
     assert torch.allclose(tl.entropy[0, 0], -(p * p.clamp_min(1e-30).log()).sum(), atol=1e-4)
 
 
+def test_tokens_are_scored_at_their_sampling_temperature(policy):
+    """Tokens sampled at T: stored log-probs == log_softmax(logits / T) of the chosen ids (an independent full
+    forward, no cache), == the teacher-forced ones (policy and reference), and the entropy is that distribution's."""
+    sampling = SamplingParams(temperature_first=1.3, temperature_refine=0.5, max_new_tokens=16)
+    trajs = collect_groups(env_fn, policy, [3], group_size=2, sampling=sampling, seed=1, keep_observations=True)
+    tl = policy.token_logprobs(trajs, grad=False)
+    ref = policy.token_logprobs(trajs, reference=True)
+    for i, tr in enumerate(trajs):
+        assert [st.temperature for st in tr.steps] == [1.3, 0.5, 0.5]
+        enc = policy.encode_trajectory(tr)
+        with torch.no_grad():
+            logits = policy.hf_model(
+                input_ids=enc.input_ids[None], pixel_values=enc.pixel_values, image_grid_thw=enc.image_grid_thw,
+                mm_token_type_ids=enc.mm_token_type_ids[None],
+            ).logits[0]
+        pos = (enc.labels != IGNORE).nonzero().flatten()
+        T = torch.tensor([tr.steps[int(enc.step_index[j])].temperature for j in pos])  # (n,)
+        logp = torch.log_softmax(policy.logit_filter(logits[pos - 1]) / T[:, None], -1)  # (n, V)
+        want = logp.gather(1, enc.input_ids[pos][:, None]).squeeze(1)
+        stored = torch.tensor([x for st in tr.steps for x in st.logprobs])
+        assert torch.allclose(stored, want, atol=1e-4), (stored - want).abs().max()
+        assert torch.allclose(tl.logprobs[i][tl.mask[i]], want, atol=1e-4)
+        assert torch.allclose(ref.logprobs[i][ref.mask[i]], want, atol=1e-4)
+        assert torch.allclose(tl.entropy[i][tl.mask[i]], -(logp.exp() * logp).sum(-1), atol=1e-4)
+        # the temperature-1 scores differ (the old, biased scoring)
+        t1 = torch.log_softmax(policy.logit_filter(logits[pos - 1]), -1).gather(1, enc.input_ids[pos][:, None])
+        assert (t1.squeeze(1) - want).abs().max() > 1e-2
+    greedy = collect_groups(env_fn, policy, [3], sampling=SamplingParams(greedy=True, max_new_tokens=16))
+    assert [st.temperature for st in greedy[0].steps] == [1.0, 1.0, 1.0]  # greedy decoding scores at 1
+
+
 def test_encode_trajectory_labels(trajs, policy):
     for tr in trajs:
         enc = policy.encode_trajectory(tr)
@@ -135,7 +166,12 @@ def test_missing_image_is_a_clear_error(policy):
 
 def test_bc_loss_is_mean_generated_ce(trajs, policy):
     loss, n = policy.bc_loss(trajs)
-    tl = policy.token_logprobs(trajs, grad=False)
+    # behaviour cloning scores at T = 1: compare with the teacher-forced log-probs of steps marked T = 1
+    at_one = copy.deepcopy(trajs)
+    for tr in at_one:
+        for st in tr.steps:
+            st.temperature = 1.0
+    tl = policy.token_logprobs(at_one, grad=False)
     assert n == int(tl.mask.sum())
     assert torch.allclose(loss.detach(), -(tl.logprobs[tl.mask]).mean(), atol=1e-5)
     assert loss.requires_grad is False  # frozen policy (no LoRA, no full fine-tune): nothing to train
