@@ -105,21 +105,13 @@ def _attrs(rng: np.random.Generator) -> tuple[str, str, str]:
     return (KINDS[rng.integers(len(KINDS))], colours[rng.integers(len(colours))], SIZES[rng.integers(len(SIZES))])
 
 
-def make_scene(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[list[SceneObject], list[tuple[int, int, int]]]:
-    """Objects (target first) and their placements ``(x0, y0, d)``; non-overlapping by ``gap_px``."""
+def place_shapes(rng: np.random.Generator, cfg: SyntheticConfig, wanted: Sequence[Sequence[str]]
+                 ) -> tuple[list[SceneObject], list[tuple[int, int, int]]]:
+    """Place shapes ``(kind, colour, size)`` in order at random, at least ``gap_px`` apart; a shape with no room
+    after 200 tries is dropped (rare; scenes with < min_objects are redrawn by the caller). Returns the objects
+    (tight boxes) and their placements ``(x0, y0, d)``."""
     W, H = cfg.image_size
     side = min(W, H)
-    n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
-    target = _attrs(rng)
-    wanted = [target]
-    for k in range(1, n):
-        kind, colour, size = _attrs(rng)
-        if rng.random() < (cfg.same_category_prob if k == 1 else 0.4):
-            if rng.random() < 0.5:
-                kind = target[0]
-            else:
-                colour = target[1]
-        wanted.append((kind, colour, size))
     objects: list[SceneObject] = []
     places: list[tuple[int, int, int]] = []
     boxes: list[tuple[int, int, int, int]] = []
@@ -133,11 +125,27 @@ def make_scene(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[list[Sce
             if all(x0 + d + g <= bx0 or bx1 + g <= x0 or y0 + d + g <= by0 or by1 + g <= y0 for bx0, by0, bx1, by1 in boxes):
                 break
         else:
-            continue  # no room: drop this shape (rare; scenes with < min_objects are redrawn by the caller)
+            continue
         boxes.append((x0, y0, x0 + d, y0 + d))
         places.append((x0, y0, d))
         objects.append(SceneObject(kind, colour, size, _tight_box(kind, x0, y0, d)))
     return objects, places
+
+
+def make_scene(rng: np.random.Generator, cfg: SyntheticConfig) -> tuple[list[SceneObject], list[tuple[int, int, int]]]:
+    """Objects (target first) and their placements ``(x0, y0, d)``; non-overlapping by ``gap_px``."""
+    n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
+    target = _attrs(rng)
+    wanted = [target]
+    for k in range(1, n):
+        kind, colour, size = _attrs(rng)
+        if rng.random() < (cfg.same_category_prob if k == 1 else 0.4):
+            if rng.random() < 0.5:
+                kind = target[0]
+            else:
+                colour = target[1]
+        wanted.append((kind, colour, size))
+    return place_shapes(rng, cfg, wanted)
 
 
 def render_scene(

@@ -29,7 +29,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from .base import Sample
-from .synthetic import DEFAULT_SPLIT_SIZES, SyntheticConfig, SyntheticDataset, _SceneImage, _tight_box
+from .synthetic import DEFAULT_SPLIT_SIZES, SyntheticConfig, SyntheticDataset, _SceneImage, place_shapes
 from .synthetic_language import (
     COLOURS,
     KINDS,
@@ -142,8 +142,6 @@ def _attrs(rng) -> list:
 def make_multi_scene(rng, cfg: SyntheticConfig, k: int):
     """Objects and placements of a scene where ``k`` objects share a noun phrase (kind and colour, or one of
     them), among ``max(k + 1, n)`` shapes, ``n`` uniform in [min_objects, max_objects]; non-overlapping."""
-    W, H = cfg.image_size
-    side = min(W, H)
     n = max(k + 1, int(rng.integers(cfg.min_objects, cfg.max_objects + 1)))
     shared = _attrs(rng)
     keep = [(True, True), (True, False), (False, True)][rng.integers(3)]  # kind / colour kept for the group
@@ -153,21 +151,7 @@ def make_multi_scene(rng, cfg: SyntheticConfig, k: int):
         if j < k:
             a = [shared[0] if keep[0] else a[0], shared[1] if keep[1] else a[1], a[2]]
         wanted.append(a)
-    objects, places, boxes = [], [], []
-    for kind, colour, size in wanted:
-        frac = cfg.size_fraction[size] * (1 + cfg.size_jitter * (2 * rng.random() - 1))
-        d = max(3, int(round(frac * side)))
-        for _ in range(200):
-            x0 = int(rng.integers(cfg.border_px, W - d - cfg.border_px + 1))
-            y0 = int(rng.integers(cfg.border_px, H - d - cfg.border_px + 1))
-            g = cfg.gap_px
-            if all(x0 + d + g <= a0 or a1 + g <= x0 or y0 + d + g <= b0 or b1 + g <= y0 for a0, b0, a1, b1 in boxes):
-                break
-        else:
-            continue
-        boxes.append((x0, y0, x0 + d, y0 + d))
-        places.append((x0, y0, d))
-        objects.append(SceneObject(kind, colour, size, _tight_box(kind, x0, y0, d)))
+    objects, places = place_shapes(rng, cfg, wanted)
     order = rng.permutation(len(objects)).tolist()  # the group is not always first
     return [objects[i] for i in order], [places[i] for i in order]
 
