@@ -1,6 +1,7 @@
 """``python -m agents.reproduce``: evaluate the shipped checkpoints (``--from-shipped``, minutes) or train every
 checkpoint from scratch first (base, behaviour cloning, GRPO with T = 2, GRPO single step), then evaluate the five
-rows of :data:`agents.reproduce.rows.ROWS` on the synthetic test split and write the report."""
+rows of the paper's Table 1 and Table 2 (agents/reproduce/rows.py) on the synthetic test split and write the
+report."""
 
 from __future__ import annotations
 
