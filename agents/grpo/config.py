@@ -131,6 +131,15 @@ class GRPOConfig:
     """abs (IVT: mean |log pi - log pi_ref|) | k3 (exp(d) - d - 1)."""
     entropy_coef: float = 0.01
     """Entropy bonus lambda (IVT: 0.01)."""
+    guide_coef: float = 0.0
+    """Teacher guidance (agents/grpo/guidance.py, DAgger-style): weight of a cross-entropy on the geometric teacher's
+    answer to every refinement state the policy visited (keep a box with IoU >= 0.85, else move toward the GT),
+    added to the GRPO loss. 0: pure GRPO (IVT Eq. 2)."""
+    guide_sigma: float = 20.0
+    """Gaussian soft-target width (of 1000) on the number tokens of the guidance targets (the BC recipe's
+    number_sigma; 0: one-hot)."""
+    guide_verbosity: int = 0
+    """Verbosity of the guidance teacher's reasoning text (0, 1, 2): the one the policy was behaviour-cloned with."""
     clip_eps: Optional[float] = None
     """PPO ratio clipping epsilon (None: plain REINFORCE as in IVT Eq. 2)."""
     old_logprobs: str = "rollout"
@@ -197,6 +206,9 @@ class GRPOConfig:
              "branch_size > 1 needs rollout_batch to be a multiple of group_size (siblings in one batch)"),
             (self.step_advantage != "branch" or self.branch_size >= 2, "step_advantage 'branch' needs branch_size >= 2"),
             (self.step_score in ("iou", "reward"), "step_score must be iou|reward"),
+            (self.guide_coef >= 0, f"guide_coef must be >= 0, got {self.guide_coef}"),
+            (self.guide_sigma >= 0, f"guide_sigma must be >= 0, got {self.guide_sigma}"),
+            (self.guide_verbosity in (0, 1, 2), f"guide_verbosity must be 0, 1 or 2, got {self.guide_verbosity}"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -34,9 +34,10 @@ from agents.grpo.setup import (build_policy, check_start_checkpoint, env_factory
                                strip_for_gather)
 from agents.grpo.update import NonFiniteUpdateError, check_finite_state, policy_update
 from agents.preflight import check_grpo
-from agents.policies.base import SamplingParams
+from agents.policies.base import BCLossOptions, SamplingParams
 from agents.common.run_logging import RunLogger, prepare_run_dir, truncate_scalars
 from agents.grpo.step_credit import update_advantages
+from agents.grpo.guidance import guidance_trajectories
 from ivt_env.datasets.base import DatasetError
 from rollouts.collector import Collector
 
@@ -91,6 +92,8 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
         batch = [t for g in groups for t in g]
         # per trajectory (B,) as in IVT, or per step (B, S) with cfg.step_advantage (agents.grpo.step_credit)
         upd_adv = update_advantages(cfg, groups, rewards, adv)
+        # teacher guidance (off by default): the teacher's answer to each refinement state visited (DAgger targets)
+        guide = guidance_trajectories(batch, verbosity=cfg.guide_verbosity) if cfg.guide_coef else []
 
         # --- update: IVT Eq. 2 over generated tokens, accumulated over grad_accum micro-batches
         t1 = time.perf_counter()
@@ -98,7 +101,9 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
                               updates=cfg.updates_per_iter, beta=cfg.beta, entropy_coef=cfg.entropy_coef,
                               kl_estimator=cfg.kl_estimator, clip_eps=cfg.clip_eps, old_logprobs=cfg.old_logprobs,
                               aggregation=cfg.aggregation, norm_len=norm_len, max_grad_norm=cfg.max_grad_norm,
-                              entropy_aggregation=cfg.entropy_aggregation)
+                              entropy_aggregation=cfg.entropy_aggregation, guide_coef=cfg.guide_coef,
+                              guide=guide,
+                              guide_options=BCLossOptions(number_sigma=cfg.guide_sigma, clone_start=True))
         skipped_in_row = _count_skip(cfg, stats.skipped, skipped_in_row, it + 1)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()

@@ -15,6 +15,7 @@ row (``GRPOConfig.max_skipped_updates``) and :func:`check_finite_state` guards e
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from agents.common import distributed
+from agents.policies.base import BCLossOptions
 from agents.grpo.losses import grpo_loss
 from agents.grpo.step_credit import token_advantages
 
@@ -36,12 +38,13 @@ class UpdateStats:
     grad_norm: float
     clip_frac: float
     num_tokens: int
+    guide_loss: float = 0.0  # teacher-guidance cross-entropy per target token (0 without guidance)
     skipped: str = ""  # why the update was skipped (non-finite advantage / loss / gradient); "" when applied
 
     def as_dict(self) -> dict[str, float]:
         return {"loss": self.loss, "pg_loss": self.pg, "kl": self.kl, "entropy": self.entropy,
                 "grad_norm": self.grad_norm, "clip_frac": self.clip_frac, "tokens": float(self.num_tokens),
-                "skipped_update": float(bool(self.skipped))}
+                "skipped_update": float(bool(self.skipped)), "guide_loss": self.guide_loss}
 
 
 class NonFiniteUpdateError(RuntimeError):
@@ -119,11 +122,18 @@ def policy_update(
     norm_len: Optional[float] = None,
     max_grad_norm: float = 1.0,
     entropy_aggregation: str = "token_mean",
+    guide: Sequence[Any] = (),
+    guide_coef: float = 0.0,
+    guide_options: Optional[BCLossOptions] = None,
 ) -> UpdateStats:
     """``updates`` optimizer steps on ``trajectories`` with per-trajectory ``advantages`` (B,), or per-step
     advantages (B, S) (entry (i, t) credited to the generated tokens of step t, ``agents.grpo.step_credit``); returns
     the stats of the first (the only one by default; later passes re-use the batch through the clipped ratio), or of
-    the first skipped one (``skipped`` set: no optimizer step was taken from then on)."""
+    the first skipped one (``skipped`` set: no optimizer step was taken from then on).
+
+    ``guide`` (teacher guidance, :mod:`agents.grpo.guidance`): sequences whose LAST step is a teacher target; their
+    cross-entropy times ``guide_coef`` joins the loss, in ``grad_accum`` chunks weighted by their share of the
+    sequences (exactly the full-batch token mean with one chunk)."""
     B = len(trajectories)
     adv = torch.as_tensor(advantages, dtype=torch.float32)
     adv = adv.reshape(-1) if adv.ndim <= 1 else adv  # (B,) per trajectory or (B, S) per step
@@ -175,6 +185,17 @@ def policy_update(
             tot["kl"] += out.kl
             tot["entropy"] += out.entropy
             tot["clipped"] += out.clip_frac * out.num_tokens
+        guide_loss = 0.0
+        if guide and guide_coef > 0 and not bad_loss:
+            opts = dataclasses.replace(guide_options or BCLossOptions(), last_step_only=True)
+            for gidx in micro_batches(len(guide), grad_accum):
+                g_loss, _ = policy.bc_loss([guide[i] for i in gidx], opts)
+                g_loss = g_loss * guide_coef * len(gidx) / len(guide)
+                if not bool(torch.isfinite(g_loss.detach())):
+                    bad_loss = True
+                    break
+                g_loss.backward()
+                guide_loss += float(g_loss.detach()) / guide_coef
         skipped = "non-finite loss" if _any_rank(bad_loss) else ""
         grad_norm = float("nan")
         if not skipped:
@@ -188,7 +209,7 @@ def policy_update(
             optimizer.step()
         stats = UpdateStats(loss=tot["loss"], pg=tot["pg"], kl=tot["kl"], entropy=tot["entropy"],
                             grad_norm=grad_norm, clip_frac=tot["clipped"] / max(num_tokens, 1),
-                            num_tokens=num_tokens, skipped=skipped)
+                            num_tokens=num_tokens, skipped=skipped, guide_loss=guide_loss)
         if first is None or skipped:  # a skipped later pass is reported: the caller counts skips
             first = stats
         if skipped:

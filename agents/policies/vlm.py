@@ -332,7 +332,8 @@ class VLMPolicy(TrainablePolicy):
         """Mean cross-entropy over the generated tokens of ``trajectories`` and their count. ``options.number_sigma``
         > 0: whole-number tokens get Gaussian soft targets of that width (:class:`.logprobs.NumberSmoothing`).
         ``options.clone_start=False``: step 0 of a trajectory WITH refinement steps is context only (labels -100),
-        e.g. when a scripted student wrote it and it is not the model's own answer; single-step samples still train."""
+        e.g. when a scripted student wrote it and it is not the model's own answer; single-step samples still train.
+        ``options.last_step_only``: only each trajectory's last step is a target (GRPO teacher guidance)."""
         options = options or BCLossOptions()
         number_sigma = options.number_sigma
         encoded = [self.encode_trajectory(t) for t in trajectories]
@@ -340,6 +341,9 @@ class VLMPolicy(TrainablePolicy):
             for e in encoded:
                 if int(e.step_index.max()) > 0:
                     e.labels[e.step_index == 0] = IGNORE
+        if options.last_step_only:
+            for e in encoded:
+                e.labels[e.step_index < int(e.step_index.max())] = IGNORE
         smoothing = None
         if number_sigma > 0:
             if self._smoothing is None or self._smoothing.sigma != number_sigma:
