@@ -123,6 +123,9 @@ class GRPOConfig:
     SIFThinker's r_t = s_t + (s_t - group mean of s_{t-1}), group-relative per step | step_delta: step 0 by the
     return, refinement t by its own s_t - s_{t-1} | branch: tree GRPO on branching groups), credited to the tokens
     of each step. Empty: one advantage per trajectory from `advantage` on every token (IVT Eq. 1)."""
+    step0_weight: float = 1.0
+    """Scale of the step-0 advantages under a per-step estimator (0: only the refinement tokens get a policy
+    gradient; step 0 stays where behaviour cloning left it, held by the KL term)."""
     step_score: str = "iou"
     """Per-step score s_t of the per-step estimators: iou (the step's IoU, 0 when invalid) | reward (env step reward)."""
     beta: float = 0.04
@@ -135,6 +138,9 @@ class GRPOConfig:
     """Teacher guidance (agents/grpo/guidance.py, DAgger-style): weight of a cross-entropy on the geometric teacher's
     answer to every refinement state the policy visited (keep a box with IoU >= 0.85, else move toward the GT),
     added to the GRPO loss. 0: pure GRPO (IVT Eq. 2)."""
+    guide_states: str = "all"
+    """Which refinement states get a guidance target: all | fit (only those whose red box fits, IoU >= 0.85: the
+    target is "Box fits. Keep it." and the same box, the action behaviour cloning left unsampled)."""
     guide_sigma: float = 20.0
     """Gaussian soft-target width (of 1000) on the number tokens of the guidance targets (the BC recipe's
     number_sigma; 0: one-hot)."""
@@ -206,7 +212,10 @@ class GRPOConfig:
              "branch_size > 1 needs rollout_batch to be a multiple of group_size (siblings in one batch)"),
             (self.step_advantage != "branch" or self.branch_size >= 2, "step_advantage 'branch' needs branch_size >= 2"),
             (self.step_score in ("iou", "reward"), "step_score must be iou|reward"),
+            (self.step0_weight == 1.0 or bool(self.step_advantage),
+             "step0_weight needs a per-step estimator (step_advantage), which gives step 0 its own advantage"),
             (self.guide_coef >= 0, f"guide_coef must be >= 0, got {self.guide_coef}"),
+            (self.guide_states in ("all", "fit"), f"guide_states must be all|fit, got {self.guide_states!r}"),
             (self.guide_sigma >= 0, f"guide_sigma must be >= 0, got {self.guide_sigma}"),
             (self.guide_verbosity in (0, 1, 2), f"guide_verbosity must be 0, 1 or 2, got {self.guide_verbosity}"),
         ]

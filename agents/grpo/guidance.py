@@ -47,12 +47,18 @@ def teacher_refinement(prev_norm: Optional[Sequence[float]], gt_norm: Sequence[i
     return text, new
 
 
-def guidance_trajectories(trajectories: Sequence[Any], *, verbosity: int = 0) -> list[Any]:
+GUIDE_STATES = ("all", "fit")  # label every refinement state | only those whose red box fits (the teacher keeps it)
+
+
+def guidance_trajectories(trajectories: Sequence[Any], *, verbosity: int = 0, states: str = "all") -> list[Any]:
     """One sequence per distinct refinement state: the policy's steps 0..t-1 plus a step t holding the teacher's
     text (``token_ids`` None: tokenised from the text, as BC does; the observation and injected tokens of the
     policy's own step t, which depend only on steps < t). Siblings of a branching group share step 0, so their
-    step-1 states are labelled once. Trajectories must carry their observations in memory (the collector keeps them
-    for the update)."""
+    step-1 states are labelled once. ``states="fit"``: only states whose red box fits the GT (IoU >= FIT_IOU), whose
+    label is "keep it" (the one action the behaviour-cloned policy never samples, see the module docstring).
+    Trajectories must carry their observations in memory (the collector keeps them for the update)."""
+    if states not in GUIDE_STATES:
+        raise ValueError(f"guidance states must be one of {GUIDE_STATES}, got {states!r}")
     out, seen = [], set()
     for traj in trajectories:
         T = len(traj.steps) - 1
@@ -64,6 +70,8 @@ def guidance_trajectories(trajectories: Sequence[Any], *, verbosity: int = 0) ->
                 continue
             seen.add(key)
             prev = prefix[-1].box_norm if prefix[-1].valid else None
+            if states == "fit" and (prev is None or iou(prev, gt) < FIT_IOU):
+                continue
             text, box = teacher_refinement(prev, gt, t, T - t + 1, traj.expression, verbosity)
             own = traj.steps[t]
             target = copy.copy(own)  # shallow: shares the observation array, replaces the generated part

@@ -71,4 +71,5 @@ def update_advantages(cfg: Any, groups: Sequence[Sequence[Any]], rewards: torch.
     scores = step_scores(groups, cfg.step_score)
     adv = compute_step_advantages(cfg.step_advantage, scores, returns=rewards, branch=cfg.branch_size,
                                   eps=cfg.adv_eps, population_std=cfg.population_std)  # (G, N, S)
+    adv[:, :, 0] *= cfg.step0_weight  # 0: step 0 is context for the refinement credit, not trained by it
     return adv.reshape(-1, adv.shape[-1])

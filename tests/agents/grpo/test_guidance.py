@@ -60,6 +60,10 @@ def test_guidance_sequences_dedupe_siblings_and_keep_the_prefix():
     assert last.token_ids is None and last.logprobs is None and last.temperature is None
     assert last.observation is a.steps[1].observation and last.injected_ids == a.steps[1].injected_ids
     assert a.steps[1].text == "<think>x</think> [100, 200, 300, 400]"  # the collected trajectory is untouched
+    fit_only = guidance_trajectories([a, b], states="fit")  # a's step-2 state (its step 1 is off) is left out
+    assert [g.steps[-1].text for g in fit_only] == [out[0].steps[1].text, out[2].steps[2].text]
+    with pytest.raises(ValueError, match="guidance states"):
+        guidance_trajectories([a], states="some")
 
 
 def test_last_step_only_loss_equals_the_teacher_forced_logprobs_of_the_last_step(tiny_q3):  # noqa: F811

@@ -119,3 +119,17 @@ def test_per_step_update_equals_per_trajectory_update_when_steps_agree():
         policy_update(pol, opt, trajs, a, beta=0.04, entropy_coef=0.01, grad_accum=2)
         out.append(pol.logits.detach().clone())
     assert torch.equal(out[0], out[1])
+
+
+def test_step0_weight_scales_only_step_zero():
+    """update_advantages with step0_weight 0: step_delta's hand values above with step 0 zeroed, refinement kept."""
+    from agents.grpo.config import GRPOConfig
+    from agents.grpo.step_credit import update_advantages
+
+    groups = [[_traj([1, 1, 1], ious=S[0, i].tolist()) for i in range(3)]]
+    cfg = GRPOConfig(group_size=3, step_advantage="step_delta", step0_weight=0.0, adv_eps=0.0)
+    got = update_advantages(cfg, groups, R.clone(), torch.zeros(3))
+    want = compute_step_advantages("step_delta", S, returns=R, eps=0.0).reshape(3, 3)
+    assert torch.equal(got[:, 0], torch.zeros(3)) and torch.allclose(got[:, 1:], want[:, 1:])
+    with pytest.raises(ValueError, match="step0_weight"):
+        GRPOConfig(step0_weight=0.0, step_advantage="").validate()
