@@ -142,7 +142,7 @@ def _setup_run(cfg: BCConfig):
     if cfg.resume:
         ckpt = latest_checkpoint(run_dir)
         state = load_checkpoint(ckpt, policy=policy, optimizer=optimizer, scheduler=scheduler)
-        apply_schedule(optimizer, scheduler)  # the schedule of THIS run's length (a longer run extends it)
+        apply_schedule(optimizer, scheduler, cfg.lr)  # the schedule of THIS run's length (a longer run extends it)
         print(f"[bc] resumed {ckpt} at step {state['step']}", file=sys.stderr)
     else:
         log.hparams(to_dict(cfg), {"eval/acc@0.5": 0.0, "eval/miou": 0.0})

@@ -225,16 +225,24 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
     return ckpts[-1] if ckpts else None
 
 
-def apply_schedule(optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+def apply_schedule(optimizer: torch.optim.Optimizer, scheduler: Any, lr: Optional[float] = None) -> None:
     """Give the optimizer the learning rate of ``scheduler`` (rebuilt for THIS run's length) at its restored step.
 
     A LambdaLR checkpoint stores the step, not the schedule function, but the optimizer's saved ``lr`` is the old
     schedule's value: extending a finished cosine run would train its first new step at lr 0. Called right after
     :func:`load_checkpoint`; for an unchanged run it computes the same value the schedule had set (bit-identical).
+    ``lr``: THIS run's peak learning rate (the config's): the checkpoint restored the old one into the scheduler's
+    ``base_lrs``, so a resume with another ``--lr`` would silently keep the old; every group is rescaled to it
+    (groups keep their ratios to the first).
     """
     lambdas = getattr(scheduler, "lr_lambdas", None)
     if not lambdas:
         return
+    if lr is not None and scheduler.base_lrs and scheduler.base_lrs[0] != lr:
+        scale = lr / scheduler.base_lrs[0] if scheduler.base_lrs[0] else 1.0
+        scheduler.base_lrs = [lr if b == scheduler.base_lrs[0] else b * scale for b in scheduler.base_lrs]
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+            group["initial_lr"] = base
     lrs = [base * lam(scheduler.last_epoch) for base, lam in zip(scheduler.base_lrs, lambdas)]
     for group, lr in zip(optimizer.param_groups, lrs):
         group["lr"] = lr

@@ -215,7 +215,7 @@ def _resume(cfg: GRPOConfig, run_dir: Path, policy: Any, optimizer: Any, schedul
             dist: distributed.DistInfo) -> dict:
     ckpt = latest_checkpoint(run_dir)
     state = load_checkpoint(ckpt, policy=policy, optimizer=optimizer, scheduler=scheduler, rank=dist.rank)
-    apply_schedule(optimizer, scheduler)  # the schedule of THIS run's --iterations (an extended run goes on)
+    apply_schedule(optimizer, scheduler, cfg.lr)  # the schedule of THIS run's --iterations (an extended run goes on)
     if state.get("world_size", 1) != dist.world_size and dist.is_main:
         print(f"[grpo] resuming a {state.get('world_size')}-rank run on {dist.world_size} ranks: sampling differs "
               "from the original run", file=sys.stderr)

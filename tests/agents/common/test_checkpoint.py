@@ -187,6 +187,11 @@ def test_apply_schedule_rebuilds_the_lr_for_a_longer_run():
     sched3.load_state_dict(state)
     apply_schedule(opt2, sched3)
     assert opt2.param_groups[0]["lr"] == 1e-4 * cosine(4)(4)
+    # a resume with another --lr: the checkpoint restored the old peak (1e-4) into base_lrs; the new one is used
+    sched4 = torch.optim.lr_scheduler.LambdaLR(opt2, cosine(6))
+    sched4.load_state_dict(state)
+    apply_schedule(opt2, sched4, lr=3e-4)
+    assert opt2.param_groups[0]["lr"] == pytest.approx(3e-4 * 0.25) and sched4.base_lrs == [3e-4]
 
 
 def test_clean_interrupted_saves(tmp_path):
