@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from agents.policies.engine import LogitFilter
+from agents.policies.vision import vision_inputs
 from rollouts.observations import ImageResolver, trajectory_images
 from agents.policies.vlm_prompt import PromptLayout, mm_token_types
 
@@ -39,6 +40,7 @@ class EncodedTrajectory:
     image_grid_thw: torch.Tensor  # (n_steps, 3)
     step_index: torch.Tensor  # (L,) long: the step each token belongs to
     step_temperature: Optional[torch.Tensor] = None  # (n_steps,) float: each step's sampling temperature (1 if unknown)
+    image_keys: Optional[list] = None  # per step: content key of its image (equal keys: identical images)
 
     @property
     def n_generated(self) -> int:
@@ -54,7 +56,7 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
     labels: list[int] = []
     steps: list[int] = []
     temps: list[float] = []
-    pixels, grids = [], []
+    pixels, grids, keys = [], [], []
     for t, (st, image) in enumerate(zip(traj.steps, images)):
         chunk = layout.first_chunk(image, traj.expression) if t == 0 else layout.refine_chunk(image)
         injected = chunk.ids
@@ -78,6 +80,7 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
         temps.append(float(getattr(st, "temperature", None) or 1.0))  # None (teacher text, old data): T = 1
         pixels.append(chunk.pixel_values)
         grids.append(chunk.image_grid_thw)
+        keys.append(chunk.image_key)
     input_ids = torch.tensor(ids, dtype=torch.long)
     return EncodedTrajectory(
         input_ids=input_ids,
@@ -87,6 +90,7 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
         image_grid_thw=torch.cat(grids),
         step_index=torch.tensor(steps, dtype=torch.long),
         step_temperature=torch.tensor(temps, dtype=torch.float32),
+        image_keys=keys,
     )
 
 
@@ -136,6 +140,12 @@ class NumberSmoothing:
         return lp.index_put((rows.to(dev),), soft)
 
 
+def _per_image(e: EncodedTrajectory) -> list[torch.Tensor]:
+    """``e.pixel_values`` split into its images' patch rows (step order)."""
+    sizes = e.image_grid_thw.prod(-1).tolist()
+    return list(torch.split(e.pixel_values, sizes)) if len(sizes) > 1 else [e.pixel_values]
+
+
 def token_temperatures(encoded: Sequence[EncodedTrajectory]) -> torch.Tensor:
     """(B, L) float: the sampling temperature of every token's step, right-padded with 1 (layout of the batch)."""
     L = max(e.input_ids.shape[0] for e in encoded)
@@ -174,13 +184,18 @@ def teacher_forced(model: Any, encoded: Sequence[EncodedTrajectory], pad_id: int
         ids[b, :n], labels[b, :n], attn[b, :n], mm[b, :n] = e.input_ids, e.labels, 1, e.mm_token_type_ids
     if bool((labels[:, 0] != IGNORE).any()):
         raise ValueError("a trajectory starts with a generated token: nothing to condition it on")
+    keys = []
+    for e in encoded:  # one key per image; trajectories without keys share nothing
+        n_img = e.image_grid_thw.shape[0]
+        keys += list(e.image_keys) if e.image_keys is not None and len(e.image_keys) == n_img else [None] * n_img
+    pixels = [p for e in encoded for p in _per_image(e)]
+    grids = [g[None] for e in encoded for g in e.image_grid_thw]
     out = model.model(
         input_ids=ids.to(dev),
         attention_mask=attn.to(dev),
-        pixel_values=torch.cat([e.pixel_values for e in encoded]).to(dev),
-        image_grid_thw=torch.cat([e.image_grid_thw for e in encoded]).to(dev),
         mm_token_type_ids=mm.to(dev),
         use_cache=False,
+        **vision_inputs(model.model, pixels, grids, keys, dev),  # each distinct image through the tower once
     )
     hidden = out.last_hidden_state  # (B, L, H)
     sel = labels != IGNORE  # (B, L)
