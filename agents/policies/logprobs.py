@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from agents.policies.engine import LogitFilter
-from agents.policies.vision import vision_inputs
+from agents.policies import vision
+from agents.policies.vision import distinct, vision_inputs
 from rollouts.observations import ImageResolver, trajectory_images
 from agents.policies.vlm_prompt import PromptLayout, mm_token_types
 
@@ -41,6 +42,7 @@ class EncodedTrajectory:
     step_index: torch.Tensor  # (L,) long: the step each token belongs to
     step_temperature: Optional[torch.Tensor] = None  # (n_steps,) float: each step's sampling temperature (1 if unknown)
     image_keys: Optional[list] = None  # per step: content key of its image (equal keys: identical images)
+    prompt_len: Optional[int] = None  # tokens of the step-0 injected chunk (the prompt every group member shares)
 
     @property
     def n_generated(self) -> int:
@@ -57,6 +59,7 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
     steps: list[int] = []
     temps: list[float] = []
     pixels, grids, keys = [], [], []
+    prompt_len = None
     for t, (st, image) in enumerate(zip(traj.steps, images)):
         chunk = layout.first_chunk(image, traj.expression) if t == 0 else layout.refine_chunk(image)
         injected = chunk.ids
@@ -74,6 +77,8 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
         if bad:
             raise ValueError(f"trajectory {traj.sample_id!r} step {t}: the generated part holds multimodal placeholder "
                              f"tokens {sorted(bad)} (text {st.text[:80]!r}); they may only be injected")
+        if t == 0:
+            prompt_len = len(injected)
         ids += injected + gen
         labels += [IGNORE] * len(injected) + gen
         steps += [t] * (len(injected) + len(gen))
@@ -91,6 +96,7 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
         step_index=torch.tensor(steps, dtype=torch.long),
         step_temperature=torch.tensor(temps, dtype=torch.float32),
         image_keys=keys,
+        prompt_len=prompt_len,
     )
 
 
@@ -146,6 +152,92 @@ def _per_image(e: EncodedTrajectory) -> list[torch.Tensor]:
     return list(torch.split(e.pixel_values, sizes)) if len(sizes) > 1 else [e.pixel_values]
 
 
+def _prefix_plan(model: Any, encoded: Sequence[EncodedTrajectory], labels: torch.Tensor) -> Optional[tuple]:
+    """(prompt length per row, first row of each distinct prompt, per row its prompt's number) when some rows share
+    their step-0 prompt (ids and image), else None (nothing to share, or a model/setting this route does not
+    cover: gradient checkpointing, a model without precomputed-feature inputs)."""
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
+        "is_gradient_checkpointing"
+    if len(encoded) < 2 or bool(getattr(model, name, False)):  # checkpointed layers run without a KV cache
+        return None
+    if not vision.supports_precomputed(model.model):
+        return None
+    keys, lens = [], []
+    for b, e in enumerate(encoded):
+        n = e.prompt_len
+        if not n or e.image_keys is None or not e.image_keys or e.image_keys[0] is None:
+            return None
+        if e.input_ids.shape[0] <= n or bool((labels[b, :n] != IGNORE).any()):
+            return None
+        keys.append((tuple(e.input_ids[:n].tolist()), e.image_keys[0]))
+        lens.append(n)
+    first, mapping = distinct(keys)
+    if len(first) == len(encoded):
+        return None
+    return lens, first, mapping
+
+
+def _shared_prefix_hidden(model: Any, encoded: Sequence[EncodedTrajectory], plan: tuple, ids: torch.Tensor,
+                          attn: torch.Tensor, mm: torch.Tensor, b_idx: torch.Tensor, j_idx: torch.Tensor,
+                          pad_id: int, dev: Any) -> torch.Tensor:
+    """Hidden states (N, H) at the positions ``j_idx - 1`` of rows ``b_idx`` (those predicting the generated
+    tokens), computed as: the P distinct step-0 prompts in one forward (KV cache kept, with its graph), the cache
+    rows gathered per trajectory, then every row's continuation (its step-0 answer, the refinement chunks and
+    answers) in a second forward on top of it. Rope positions are the full sequences' (the model's own
+    ``get_rope_index`` over the whole padded batch), so each token sees exactly what it sees in the one-pass
+    forward; the prompt rows' pad columns sit masked between prompt and continuation."""
+    from transformers import DynamicCache
+
+    lens, first, mapping = plan
+    B, L = ids.shape
+    P = len(first)
+    grids_all = torch.cat([e.image_grid_thw for e in encoded])
+    pos, _ = model.model.get_rope_index(input_ids=ids, mm_token_type_ids=mm, image_grid_thw=grids_all,
+                                        attention_mask=attn)  # (3, B, L) as the one-pass forward computes them
+    Lp = max(lens[i] for i in first)
+    p_ids = torch.full((P, Lp), pad_id, dtype=torch.long)
+    p_attn = torch.zeros((P, Lp), dtype=torch.long)
+    p_pos = torch.zeros((pos.shape[0], P, Lp), dtype=pos.dtype)
+    for g, i in enumerate(first):
+        n = lens[i]
+        p_ids[g, :n], p_attn[g, :n], p_pos[:, g, :n] = ids[i, :n], 1, pos[:, i, :n]
+    ends = [e.input_ids.shape[0] for e in encoded]
+    Ls = max(ends[b] - lens[b] for b in range(B))
+    s_ids = torch.full((B, Ls), pad_id, dtype=torch.long)
+    s_attn = torch.zeros((B, Ls), dtype=torch.long)
+    s_pos = torch.zeros((pos.shape[0], B, Ls), dtype=pos.dtype)
+    for b in range(B):
+        n, m = lens[b], ends[b] - lens[b]
+        s_ids[b, :m], s_attn[b, :m], s_pos[:, b, :m] = ids[b, n:n + m], 1, pos[:, b, n:n + m]
+        s_pos[:, b, m:] = pos[:, b, n + m - 1:n + m]  # pads: masked keys, unused queries
+    for g, i in enumerate(first):
+        n = lens[i]
+        p_pos[:, g, n:] = pos[:, i, n - 1:n]
+
+    per_row = [_per_image(e) for e in encoded]
+    p_vis = vision_inputs(model.model, [per_row[i][0] for i in first], [encoded[i].image_grid_thw[:1] for i in first],
+                          [encoded[i].image_keys[0] for i in first], dev)
+    cache = DynamicCache(config=model.config)
+    cache_kw = vision.cache_kwarg(model.model)
+    p_out = model.model(input_ids=p_ids.to(dev), attention_mask=p_attn.to(dev), position_ids=p_pos.to(dev),
+                        use_cache=True, **{cache_kw: cache}, **p_vis)
+    cache.batch_select_indices(torch.tensor(mapping, device=dev))  # (P, ...) -> (B, ...): differentiable gather
+    s_pix = [p for row in per_row for p in row[1:]]
+    s_grid = [e.image_grid_thw[t:t + 1] for e in encoded for t in range(1, e.image_grid_thw.shape[0])]
+    s_keys = [e.image_keys[t] for e in encoded for t in range(1, e.image_grid_thw.shape[0])]
+    s_vis = vision_inputs(model.model, s_pix, s_grid, s_keys, dev)
+    full_attn = torch.cat([p_attn[torch.tensor(mapping)], s_attn], dim=1)
+    s_out = model.model(input_ids=s_ids.to(dev), attention_mask=full_attn.to(dev), position_ids=s_pos.to(dev),
+                        use_cache=True, **{cache_kw: cache}, **s_vis)
+    H = p_out.last_hidden_state.shape[-1]
+    flat = torch.cat([p_out.last_hidden_state.reshape(P * Lp, H), s_out.last_hidden_state.reshape(B * Ls, H)])
+    src = j_idx - 1  # (N,) the predicting position
+    n_p = torch.tensor(lens)[b_idx]
+    g_of = torch.tensor(mapping)[b_idx]
+    where = torch.where(src < n_p, g_of * Lp + src, P * Lp + b_idx * Ls + (src - n_p))
+    return flat[where.to(dev)]
+
+
 def token_temperatures(encoded: Sequence[EncodedTrajectory]) -> torch.Tensor:
     """(B, L) float: the sampling temperature of every token's step, right-padded with 1 (layout of the batch)."""
     L = max(e.input_ids.shape[0] for e in encoded)
@@ -158,7 +250,8 @@ def token_temperatures(encoded: Sequence[EncodedTrajectory]) -> torch.Tensor:
 
 def teacher_forced(model: Any, encoded: Sequence[EncodedTrajectory], pad_id: int, logit_filter: LogitFilter,
                    entropy: bool = True, smoothing: Optional[NumberSmoothing] = None,
-                   temperature: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   temperature: bool = False, share_prefix: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Log-probs, entropies and mask of the generated tokens of a batch, right-padded: each ``(B, G)``.
 
     ``temperature=True`` (GRPO: the policy scoring its own samples): each token is scored under the distribution
@@ -171,6 +264,11 @@ def teacher_forced(model: Any, encoded: Sequence[EncodedTrajectory], pad_id: int
     One forward of the right-padded batch through ``model.model`` (positions computed by the model itself from
     ``mm_token_type_ids``, ``image_grid_thw`` and the attention mask: an independent route from the engine's),
     then ``lm_head`` only at the positions that predict a generated token.
+
+    ``share_prefix`` (issue 16): when rows share their step-0 prompt (the N members of a GRPO group: same image,
+    same expression), the distinct prompts run once and every row continues from its prompt's KV cache (with
+    gradients through it): the same positions, masks and result up to float rounding, a third fewer tokens
+    through the language model at N = 6 (:func:`_shared_prefix_hidden`).
     """
     dev = model.lm_head.weight.device
     B = len(encoded)
@@ -184,26 +282,30 @@ def teacher_forced(model: Any, encoded: Sequence[EncodedTrajectory], pad_id: int
         ids[b, :n], labels[b, :n], attn[b, :n], mm[b, :n] = e.input_ids, e.labels, 1, e.mm_token_type_ids
     if bool((labels[:, 0] != IGNORE).any()):
         raise ValueError("a trajectory starts with a generated token: nothing to condition it on")
-    keys = []
-    for e in encoded:  # one key per image; trajectories without keys share nothing
-        n_img = e.image_grid_thw.shape[0]
-        keys += list(e.image_keys) if e.image_keys is not None and len(e.image_keys) == n_img else [None] * n_img
-    pixels = [p for e in encoded for p in _per_image(e)]
-    grids = [g[None] for e in encoded for g in e.image_grid_thw]
-    out = model.model(
-        input_ids=ids.to(dev),
-        attention_mask=attn.to(dev),
-        mm_token_type_ids=mm.to(dev),
-        use_cache=False,
-        **vision_inputs(model.model, pixels, grids, keys, dev),  # each distinct image through the tower once
-    )
-    hidden = out.last_hidden_state  # (B, L, H)
     sel = labels != IGNORE  # (B, L)
     b_idx, j_idx = sel.nonzero(as_tuple=True)
     col = (sel.long().cumsum(1) - 1)[b_idx, j_idx]  # k-th generated token of its row
     G = int(sel.sum(1).max()) if B else 0
     b_dev, j_dev, col_dev = b_idx.to(dev), j_idx.to(dev), col.to(dev)
-    logits = logit_filter(model.lm_head(hidden[b_dev, j_dev - 1]))  # (N, V): position j-1 predicts j
+    plan = _prefix_plan(model, encoded, labels) if (vision.ENABLED and share_prefix) else None
+    if plan is None:  # one forward of the whole right-padded batch
+        keys = []
+        for e in encoded:  # one key per image; trajectories without keys share nothing
+            n_img = e.image_grid_thw.shape[0]
+            keys += list(e.image_keys) if e.image_keys is not None and len(e.image_keys) == n_img else [None] * n_img
+        pixels = [p for e in encoded for p in _per_image(e)]
+        grids = [g[None] for e in encoded for g in e.image_grid_thw]
+        out = model.model(
+            input_ids=ids.to(dev),
+            attention_mask=attn.to(dev),
+            mm_token_type_ids=mm.to(dev),
+            use_cache=False,
+            **vision_inputs(model.model, pixels, grids, keys, dev),  # each distinct image through the tower once
+        )
+        picked = out.last_hidden_state[b_dev, j_dev - 1]  # (N, H): position j-1 predicts j
+    else:
+        picked = _shared_prefix_hidden(model, encoded, plan, ids, attn, mm, b_idx, j_idx, pad_id, dev)
+    logits = logit_filter(model.lm_head(picked))  # (N, V)
     if temperature:
         logits = logits / token_temperatures(encoded)[sel].to(dev, logits.dtype)[:, None]  # (N, V) / (N, 1)
     logp_all = torch.log_softmax(logits, dim=-1)

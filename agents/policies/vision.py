@@ -33,6 +33,15 @@ def supports_precomputed(model: Any) -> bool:
     return _SUPPORTS[cls]
 
 
+def cache_kwarg(model: Any) -> str:
+    """The name of ``model.forward``'s KV-cache argument: ``cache`` (transformers >= 5.x) or ``past_key_values``."""
+    try:
+        params = inspect.signature(type(model).forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def distinct(keys: Sequence[Optional[tuple]]) -> tuple[list[int], list[int]]:
     """(index of the first image of each distinct key, per image the position of its key among the distinct
     ones); a None key is never shared."""

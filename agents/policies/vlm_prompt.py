@@ -261,10 +261,15 @@ class PromptLayout:
         return Chunk(out["input_ids"][0].tolist(), out["pixel_values"], grid, hw)
 
     def _encode_fast(self, text: str, image: np.ndarray) -> Optional[Chunk]:
-        """The image processor alone, and the text's ids (memoised per text) with the one placeholder expanded to
-        the image's token count (grid cells / merge_size^2), as the processor does before tokenising."""
-        out = self.processor.image_processor(images=[image], return_tensors="pt")
-        grid = out["image_grid_thw"].long()
+        """The image's pixel values (:func:`_numpy_pixels`, else the image processor alone) and the text's ids
+        (memoised per text) with the one placeholder expanded to the image's token count (grid cells /
+        merge_size^2), as the processor does before tokenising."""
+        fast = _numpy_pixels(self.processor.image_processor, image)
+        if fast is not None:
+            pixel_values, grid = fast
+        else:
+            out = self.processor.image_processor(images=[image], return_tensors="pt")
+            pixel_values, grid = out["pixel_values"], out["image_grid_thw"].long()
         n = int(grid[0].prod()) // self.merge_size ** 2
         tmpl = self._text_ids.get(text)
         if tmpl is None:
@@ -276,7 +281,7 @@ class PromptLayout:
         k = tmpl.index(self.image_token_id)
         ids = tmpl[:k] + [self.image_token_id] * n + tmpl[k + 1:]
         hw = (int(grid[0, 1]) * self.patch_size, int(grid[0, 2]) * self.patch_size)
-        return Chunk(ids, out["pixel_values"], grid, hw)
+        return Chunk(ids, pixel_values, grid, hw)
 
     def first_chunk(self, image: np.ndarray, expression: str) -> Chunk:
         return self.encode(self.first_text(expression), image)
@@ -294,6 +299,36 @@ class PromptLayout:
             return text
         h, w = chunk0.resized_hw
         return abs_box_text_to_norm(text, w, h)
+
+
+def _numpy_pixels(ip: Any, image: np.ndarray) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``Qwen2VLImageProcessor(Pil)`` on one RGB uint8 image that needs no resizing, in a few numpy operations:
+    rescale (in float64, then float32, as ``image_transforms.rescale``), normalise, patchify. None when the image
+    would be resized or the processor is set up otherwise (the caller then runs the processor itself)."""
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    except ImportError:  # pragma: no cover - other transformers layouts
+        return None
+    P, T, M = int(ip.patch_size), int(ip.temporal_patch_size), int(ip.merge_size)
+    if not (ip.do_rescale and ip.do_normalize) or image.ndim != 3 or image.shape[2] != 3:
+        return None
+    try:
+        lo, hi = ip.size["shortest_edge"], ip.size["longest_edge"]
+    except (KeyError, TypeError, AttributeError):
+        return None
+    if lo is None or hi is None:
+        return None
+    h, w = image.shape[:2]
+    if smart_resize(h, w, factor=P * M, min_pixels=lo, max_pixels=hi) != (h, w):
+        return None
+    x = (image.astype(np.float64) * ip.rescale_factor).astype(np.float32)
+    mean, std = np.asarray(ip.image_mean, dtype=np.float32), np.asarray(ip.image_std, dtype=np.float32)
+    x = ((x - mean) / std).transpose(2, 0, 1)  # (C, H, W)
+    gh, gw = h // P, w // P
+    x = np.broadcast_to(x[None], (T, 3, h, w))  # one image: its frame repeated temporal_patch_size times
+    x = x.reshape(1, T, 3, gh // M, M, P, gw // M, M, P).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    pixels = torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, 3 * T * P * P))
+    return pixels, torch.tensor([[1, gh, gw]], dtype=torch.long)
 
 
 def _same_chunk(a: Chunk, b: Chunk) -> bool:
