@@ -17,13 +17,17 @@ of ``--bc-steps`` consecutive steps "before" and the same steps "after", from th
 (synthesis: scenes, expressions, scripted student, teacher, overlays; "after": the wait for the worker), ``encode``
 (image processor, ids), ``forward`` (+ loss), ``backward``, ``optimizer``.
 
-"before": every chunk through the multimodal processor, no encoding memo, every image through the vision tower,
-BC batches drawn and encoded in the training process. "after" (issue 16): the image processor + memoised text ids
-(:meth:`PromptLayout.encode`), one encoding per observation per GRPO iteration (``VLMPolicy.encoding_cache``), the
-vision tower once per distinct image (:mod:`agents.policies.vision`, rollout and update), BC batches drawn and
-encoded one step ahead in a worker process (:class:`agents.bc.data.Prefetcher`).
+"before": the routes before issue 16: every chunk through the multimodal processor, no encoding memo, every image
+through the vision tower, the patch embedding as a Conv3d, one right-padded forward per teacher-forced pass, BC
+batches drawn and encoded in the training process. "after" (issue 16; ``agents.policies.vision.ENABLED`` and
+``PromptLayout.fast_encode`` switch it): numpy pixel values + memoised text ids (:meth:`PromptLayout.encode`), one
+encoding per observation per GRPO iteration (``VLMPolicy.encoding_cache``), the vision tower once per distinct image
+(rollout and update), the patch embedding as a matmul, shared segments (prompt; step-0 answer + step-1 chunk of
+branch siblings) run once in the teacher-forced passes, uneven batches as two length buckets. "after_prefetch" (BC
+only): "after" plus the batches drawn and encoded in a worker process (:class:`agents.bc.data.Prefetcher`, option
+``prefetch``, off by default).
 
-    OMP_NUM_THREADS=1 python benchmarks/grpo_iteration.py --threads 1               # both parts, about 3-5 min
+    OMP_NUM_THREADS=1 python benchmarks/grpo_iteration.py --threads 1               # both parts, about 3 min
     OMP_NUM_THREADS=1 python benchmarks/grpo_iteration.py --part grpo --reps 2
 """
 
@@ -34,6 +38,7 @@ import contextlib
 import copy
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -198,17 +203,21 @@ def grpo_part(args) -> dict:
         it = 1 + r
         snap = snapshot(policy, optimizer)
         res = {}
+        secs = {}
         for mode in (("before", "after") if r % 2 == 0 else ("after", "before")):
             restore(policy, optimizer, snap)
             hits0 = policy.layout.cache_hits
+            t_before = clocks[mode].s["total"]
             stats, tokens = iteration(it, mode == "after", clocks[mode])
+            secs[mode] = clocks[mode].s["total"] - t_before
             n_img[mode] = policy.layout.cache_hits - hits0
             res[mode] = (stats, tokens, {k: v.detach().clone() for k, v in policy.model.state_dict().items()})
         (sb, tb, pb), (sa, ta, pa) = res["before"], res["after"]
         same_tok = sum(x == y for x, y in zip(tb, ta)) / max(len(tb), 1)
         checks.append({"iteration": it, "same_step_tokens": round(same_tok, 4), "loss_before": sb.loss,
                        "loss_after": sa.loss, "grad_norm_before": sb.grad_norm, "grad_norm_after": sa.grad_norm,
-                       "max_param_diff": max_param_diff(pb, pa) if same_tok == 1.0 else None})
+                       "max_param_diff": max_param_diff(pb, pa) if same_tok == 1.0 else None,
+                       "iteration_speedup": round(secs["before"] / secs["after"], 2)})
         # continue from the "after" weights
     set_mode(policy, True)
     out = {"config": "grpo_cpu.yaml", "reps": args.reps, "checks": checks,
@@ -259,7 +268,7 @@ def bc_part(args) -> dict:
         set_mode(policy, mode != "before")
         worker = mode == "after_prefetch"
         losses = []
-        pre = Prefetcher(data, start=k0, encode=policy.encode_trajectory, depth=max(cfg.prefetch, 1) if worker else 0)
+        pre = Prefetcher(data, start=k0, encode=policy.encode_trajectory, depth=max(cfg.prefetch, 2) if worker else 0)
         try:
             if worker:  # the worker starts with the run: its first batch is not a steady-state step
                 pre.next(k0)
@@ -288,7 +297,8 @@ def bc_part(args) -> dict:
         return losses
 
     modes = ["before", "after"] + (["after_prefetch"] if args.bc_prefetch else [])
-    out: dict = {"config": "bc_cpu.yaml", "steps_per_block": n, "reps": args.reps, "modes": modes}
+    out: dict = {"config": "bc_cpu.yaml", "steps_per_block": n, "reps": args.reps, "modes": modes,
+                 "prefetch_depth": max(cfg.prefetch, 2)}
     for name, k0 in phases.items():
         block(k0 + 400, "after", Clock())  # warm-up, same phase
         clocks = {m: Clock() for m in modes}
@@ -308,7 +318,7 @@ def bc_part(args) -> dict:
     return out
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", choices=["grpo", "bc", "both"], default="both")
     ap.add_argument("--reps", type=int, default=2, help="interleaved before/after repetitions (GRPO iterations; "
@@ -317,9 +327,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bc-prefetch", type=int, default=1, help="1: also measure BC with the prefetch worker "
                     "(after_prefetch)")
-    ap.add_argument("--grpo-args", nargs="*", default=[], help="extra `agents.grpo train` options, e.g. --beta 0")
-    ap.add_argument("--bc-args", nargs="*", default=[], help="extra `agents.bc train` options")
-    args = ap.parse_args()
+    ap.add_argument("--grpo-args", default="", help="extra `agents.grpo train` options in one string, e.g. "
+                    "'--beta 0'")
+    ap.add_argument("--bc-args", default="", help="extra `agents.bc train` options in one string")
+    args = ap.parse_args(argv)
+    args.grpo_args, args.bc_args = shlex.split(args.grpo_args), shlex.split(args.bc_args)
     torch.set_num_threads(args.threads)
     import warnings
 

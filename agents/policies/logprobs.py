@@ -6,6 +6,11 @@ stored ``injected_ids`` / ``token_ids`` are used as they are; a teacher trajecto
 injected chunks from the same :class:`PromptLayout` code the engine uses, and each step's text tokenised as its
 generated part. ``labels`` are the generated ids and -100 on every injected token (IVT Sec. 3.2).
 
+Speed (issue 16): :func:`teacher_forced` runs shared beginnings once (GRPO groups share their prompt, branch
+siblings their step-0 answer and step-1 overlay), each distinct image through the vision tower once
+(:mod:`agents.policies.vision`), and uneven batches as two length buckets; tests compare every route with the plain
+one-pass forward.
+
 Images (one per step): ``Step.observation`` (the collector keeps them with ``keep_observations=True``), else
 ``Step.image_path`` (PNG written by ``agents.synthesis``), else rendered: the original image (``meta["image"]``
 array, ``meta["image_path"]`` file, step 0's observation / image_path, or an ``image_resolver(traj)`` callable,
@@ -42,7 +47,7 @@ class EncodedTrajectory:
     step_index: torch.Tensor  # (L,) long: the step each token belongs to
     step_temperature: Optional[torch.Tensor] = None  # (n_steps,) float: each step's sampling temperature (1 if unknown)
     image_keys: Optional[list] = None  # per step: content key of its image (equal keys: identical images)
-    prompt_len: Optional[int] = None  # tokens of the step-0 injected chunk (the prompt every group member shares)
+    injected_ends: Optional[list] = None  # per step: the index where its injected chunk ends (its answer starts)
 
     @property
     def n_generated(self) -> int:
@@ -59,7 +64,7 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
     steps: list[int] = []
     temps: list[float] = []
     pixels, grids, keys = [], [], []
-    prompt_len = None
+    injected_ends = []
     for t, (st, image) in enumerate(zip(traj.steps, images)):
         chunk = layout.first_chunk(image, traj.expression) if t == 0 else layout.refine_chunk(image)
         injected = chunk.ids
@@ -77,8 +82,7 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
         if bad:
             raise ValueError(f"trajectory {traj.sample_id!r} step {t}: the generated part holds multimodal placeholder "
                              f"tokens {sorted(bad)} (text {st.text[:80]!r}); they may only be injected")
-        if t == 0:
-            prompt_len = len(injected)
+        injected_ends.append(len(ids) + len(injected))
         ids += injected + gen
         labels += [IGNORE] * len(injected) + gen
         steps += [t] * (len(injected) + len(gen))
@@ -96,7 +100,7 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
         step_index=torch.tensor(steps, dtype=torch.long),
         step_temperature=torch.tensor(temps, dtype=torch.float32),
         image_keys=keys,
-        prompt_len=prompt_len,
+        injected_ends=injected_ends,
     )
 
 
@@ -152,89 +156,125 @@ def _per_image(e: EncodedTrajectory) -> list[torch.Tensor]:
     return list(torch.split(e.pixel_values, sizes)) if len(sizes) > 1 else [e.pixel_values]
 
 
-def _prefix_plan(model: Any, encoded: Sequence[EncodedTrajectory], labels: torch.Tensor) -> Optional[tuple]:
-    """(prompt length per row, first row of each distinct prompt, per row its prompt's number) when some rows share
-    their step-0 prompt (ids and image), else None (nothing to share, or a model/setting this route does not
-    cover: gradient checkpointing, a model without precomputed-feature inputs)."""
+def _prefix_plan(model: Any, encoded: Sequence[EncodedTrajectory]) -> Optional[tuple[list, list]]:
+    """The shared segments of a batch, level by level: level 0 is each row's step-0 prompt, level t >= 1 its
+    step-(t-1) answer plus its step-t injected chunk (overlay image, instruction). Rows share a level-t segment when
+    they share every segment before it and this one's ids and image (the N members of a GRPO group share level 0,
+    the siblings of a branching group level 1 as well). Returns ``(levels, starts)``: per level ``(start, end,
+    first, mapping)`` (per row its segment [start, end), the first row of each distinct segment, per row its
+    distinct segment's number), only while a level is shared, and each row's start of the rest (its own suffix);
+    None when nothing is shared or the route does not apply (gradient checkpointing: checkpointed layers run
+    without a KV cache; a model without precomputed-feature inputs)."""
     name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else \
         "is_gradient_checkpointing"
-    if len(encoded) < 2 or bool(getattr(model, name, False)):  # checkpointed layers run without a KV cache
+    if len(encoded) < 2 or bool(getattr(model, name, False)) or not vision.supports_precomputed(model.model):
         return None
-    if not vision.supports_precomputed(model.model):
-        return None
-    keys, lens = [], []
-    for b, e in enumerate(encoded):
-        n = e.prompt_len
-        if not n or e.image_keys is None or not e.image_keys or e.image_keys[0] is None:
+    B = len(encoded)
+    for e in encoded:
+        if not e.injected_ends or e.image_keys is None or len(e.image_keys) != len(e.injected_ends):
             return None
-        if e.input_ids.shape[0] <= n or bool((labels[b, :n] != IGNORE).any()):
-            return None
-        keys.append((tuple(e.input_ids[:n].tolist()), e.image_keys[0]))
-        lens.append(n)
-    first, mapping = distinct(keys)
-    if len(first) == len(encoded):
+    levels: list = []
+    start = [0] * B
+    prev = [0] * B
+    for t in range(max(len(e.injected_ends) for e in encoded)):
+        if any(t >= len(e.injected_ends) or e.image_keys[t] is None for e in encoded):
+            break
+        end = [e.injected_ends[t] for e in encoded]
+        keys = [(prev[b], tuple(encoded[b].input_ids[start[b]:end[b]].tolist()), encoded[b].image_keys[t])
+                for b in range(B)]
+        first, mapping = distinct(keys)
+        if len(first) == B:
+            break
+        levels.append((list(start), end, first, mapping))
+        start, prev = end, mapping
+    while levels and any(e.input_ids.shape[0] <= levels[-1][1][b] for b, e in enumerate(encoded)):
+        levels.pop()  # a row with nothing after its last shared segment: share one level less
+    if not levels:
         return None
-    return lens, first, mapping
+    return levels, list(levels[-1][1])
+
+
+def _segment(rows: Sequence[int], start: Sequence[int], end: Sequence[int], ids: torch.Tensor, pos: torch.Tensor,
+             pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """ids, attention mask, positions of the segments [start[r], end[r]) of ``rows``, right-padded (pads repeat
+    the last position: masked keys, unused queries), and the width."""
+    W = max(end[r] - start[r] for r in rows)
+    n = len(rows)
+    s_ids = torch.full((n, W), pad_id, dtype=torch.long)
+    s_attn = torch.zeros((n, W), dtype=torch.long)
+    s_pos = torch.zeros((pos.shape[0], n, W), dtype=pos.dtype)
+    for q, r in enumerate(rows):
+        a, m = start[r], end[r] - start[r]
+        s_ids[q, :m], s_attn[q, :m], s_pos[:, q, :m] = ids[r, a:a + m], 1, pos[:, r, a:a + m]
+        s_pos[:, q, m:] = pos[:, r, a + m - 1:a + m]
+    return s_ids, s_attn, s_pos, W
 
 
 def _shared_prefix_hidden(model: Any, encoded: Sequence[EncodedTrajectory], plan: tuple, ids: torch.Tensor,
                           attn: torch.Tensor, mm: torch.Tensor, b_idx: torch.Tensor, j_idx: torch.Tensor,
                           pad_id: int, dev: Any) -> torch.Tensor:
     """Hidden states (N, H) at the positions ``j_idx - 1`` of rows ``b_idx`` (those predicting the generated
-    tokens), computed as: the P distinct step-0 prompts in one forward (KV cache kept, with its graph), the cache
-    rows gathered per trajectory, then every row's continuation (its step-0 answer, the refinement chunks and
-    answers) in a second forward on top of it. Rope positions are the full sequences' (the model's own
-    ``get_rope_index`` over the whole padded batch), so each token sees exactly what it sees in the one-pass
-    forward; the prompt rows' pad columns sit masked between prompt and continuation."""
+    tokens), computed segment level by segment level (:func:`_prefix_plan`): each level's distinct segments in one
+    forward on top of the KV cache of the level before (its rows gathered from the distinct segments they
+    continue, a differentiable gather: gradients flow back into the shared segments), then every row's own rest.
+    Rope positions are the full sequences' (the model's own ``get_rope_index`` over the whole padded batch), so
+    each token sees exactly what it sees in the one-pass forward; pad columns of a segment sit masked between it
+    and the next."""
     from transformers import DynamicCache
 
-    lens, first, mapping = plan
-    B, L = ids.shape
-    P = len(first)
-    grids_all = torch.cat([e.image_grid_thw for e in encoded])
-    pos, _ = model.model.get_rope_index(input_ids=ids, mm_token_type_ids=mm, image_grid_thw=grids_all,
+    levels, rest_start = plan
+    B = len(encoded)
+    pos, _ = model.model.get_rope_index(input_ids=ids, mm_token_type_ids=mm,
+                                        image_grid_thw=torch.cat([e.image_grid_thw for e in encoded]),
                                         attention_mask=attn)  # (3, B, L) as the one-pass forward computes them
-    Lp = max(lens[i] for i in first)
-    p_ids = torch.full((P, Lp), pad_id, dtype=torch.long)
-    p_attn = torch.zeros((P, Lp), dtype=torch.long)
-    p_pos = torch.zeros((pos.shape[0], P, Lp), dtype=pos.dtype)
-    for g, i in enumerate(first):
-        n = lens[i]
-        p_ids[g, :n], p_attn[g, :n], p_pos[:, g, :n] = ids[i, :n], 1, pos[:, i, :n]
-    ends = [e.input_ids.shape[0] for e in encoded]
-    Ls = max(ends[b] - lens[b] for b in range(B))
-    s_ids = torch.full((B, Ls), pad_id, dtype=torch.long)
-    s_attn = torch.zeros((B, Ls), dtype=torch.long)
-    s_pos = torch.zeros((pos.shape[0], B, Ls), dtype=pos.dtype)
-    for b in range(B):
-        n, m = lens[b], ends[b] - lens[b]
-        s_ids[b, :m], s_attn[b, :m], s_pos[:, b, :m] = ids[b, n:n + m], 1, pos[:, b, n:n + m]
-        s_pos[:, b, m:] = pos[:, b, n + m - 1:n + m]  # pads: masked keys, unused queries
-    for g, i in enumerate(first):
-        n = lens[i]
-        p_pos[:, g, n:] = pos[:, i, n - 1:n]
-
     per_row = [_per_image(e) for e in encoded]
-    p_vis = vision_inputs(model.model, [per_row[i][0] for i in first], [encoded[i].image_grid_thw[:1] for i in first],
-                          [encoded[i].image_keys[0] for i in first], dev)
     cache = DynamicCache(config=model.config)
     cache_kw = vision.cache_kwarg(model.model)
-    p_out = model.model(input_ids=p_ids.to(dev), attention_mask=p_attn.to(dev), position_ids=p_pos.to(dev),
-                        use_cache=True, **{cache_kw: cache}, **p_vis)
-    cache.batch_select_indices(torch.tensor(mapping, device=dev))  # (P, ...) -> (B, ...): differentiable gather
-    s_pix = [p for row in per_row for p in row[1:]]
-    s_grid = [e.image_grid_thw[t:t + 1] for e in encoded for t in range(1, e.image_grid_thw.shape[0])]
-    s_keys = [e.image_keys[t] for e in encoded for t in range(1, e.image_grid_thw.shape[0])]
-    s_vis = vision_inputs(model.model, s_pix, s_grid, s_keys, dev)
-    full_attn = torch.cat([p_attn[torch.tensor(mapping)], s_attn], dim=1)
-    s_out = model.model(input_ids=s_ids.to(dev), attention_mask=full_attn.to(dev), position_ids=s_pos.to(dev),
-                        use_cache=True, **{cache_kw: cache}, **s_vis)
-    H = p_out.last_hidden_state.shape[-1]
-    flat = torch.cat([p_out.last_hidden_state.reshape(P * Lp, H), s_out.last_hidden_state.reshape(B * Ls, H)])
-    src = j_idx - 1  # (N,) the predicting position
-    n_p = torch.tensor(lens)[b_idx]
-    g_of = torch.tensor(mapping)[b_idx]
-    where = torch.where(src < n_p, g_of * Lp + src, P * Lp + b_idx * Ls + (src - n_p))
+    hidden, offsets, widths = [], [], []
+    total = 0
+    attn_so_far = None
+    parent = None  # per row: its distinct segment at the level before
+    for t, (start, end, first, mapping) in enumerate(levels):
+        s_ids, s_attn, s_pos, W = _segment(first, start, end, ids, pos, pad_id)
+        if parent is not None:
+            idx = torch.tensor([parent[r] for r in first])
+            cache.batch_select_indices(idx.to(dev))
+            s_attn_full = torch.cat([attn_so_far[idx], s_attn], dim=1)
+        else:
+            s_attn_full = s_attn
+        vis = vision_inputs(model.model, [per_row[r][t] for r in first],
+                            [encoded[r].image_grid_thw[t:t + 1] for r in first],
+                            [encoded[r].image_keys[t] for r in first], dev)
+        out = model.model(input_ids=s_ids.to(dev), attention_mask=s_attn_full.to(dev), position_ids=s_pos.to(dev),
+                          use_cache=True, **{cache_kw: cache}, **vis)
+        h = out.last_hidden_state
+        hidden.append(h.reshape(-1, h.shape[-1]))
+        offsets.append(total)
+        widths.append(W)
+        total += h.shape[0] * W
+        attn_so_far, parent = s_attn_full, mapping
+    # every row's own rest: its later answers and chunks
+    ends = [e.input_ids.shape[0] for e in encoded]
+    r_ids, r_attn, r_pos, Wr = _segment(range(B), rest_start, ends, ids, pos, pad_id)
+    idx = torch.tensor(parent)
+    cache.batch_select_indices(idx.to(dev))
+    T0 = len(levels)
+    r_vis = vision_inputs(model.model, [p for row in per_row for p in row[T0:]],
+                          [e.image_grid_thw[t:t + 1] for e in encoded for t in range(T0, e.image_grid_thw.shape[0])],
+                          [e.image_keys[t] for e in encoded for t in range(T0, e.image_grid_thw.shape[0])], dev)
+    out = model.model(input_ids=r_ids.to(dev), attention_mask=torch.cat([attn_so_far[idx], r_attn], 1).to(dev),
+                      position_ids=r_pos.to(dev), use_cache=True, **{cache_kw: cache}, **r_vis)
+    h = out.last_hidden_state
+    flat = torch.cat(hidden + [h.reshape(-1, h.shape[-1])])
+    # where each predicting position lives: the first level whose segment holds it, else the row's rest
+    src = j_idx - 1
+    where = total + b_idx * Wr + (src - torch.tensor(rest_start)[b_idx])
+    done = torch.zeros_like(src, dtype=torch.bool)
+    for (start, end, first, mapping), off, W in zip(levels, offsets, widths):
+        st, en, mp = torch.tensor(start)[b_idx], torch.tensor(end)[b_idx], torch.tensor(mapping)[b_idx]
+        inside = ~done & (src >= st) & (src < en)
+        where = torch.where(inside, off + mp * W + (src - st), where)
+        done |= inside
     return flat[where.to(dev)]
 
 
@@ -265,11 +305,55 @@ def teacher_forced(model: Any, encoded: Sequence[EncodedTrajectory], pad_id: int
     ``mm_token_type_ids``, ``image_grid_thw`` and the attention mask: an independent route from the engine's),
     then ``lm_head`` only at the positions that predict a generated token.
 
-    ``share_prefix`` (issue 16): when rows share their step-0 prompt (the N members of a GRPO group: same image,
-    same expression), the distinct prompts run once and every row continues from its prompt's KV cache (with
-    gradients through it): the same positions, masks and result up to float rounding, a third fewer tokens
-    through the language model at N = 6 (:func:`_shared_prefix_hidden`).
+    ``share_prefix`` (issue 16): when rows share their beginnings (the N members of a GRPO group share the step-0
+    prompt, the siblings of a branching group also the step-0 answer and the step-1 overlay chunk), each distinct
+    shared segment runs once and the rows continue from its KV cache, with gradients through it
+    (:func:`_shared_prefix_hidden`): the same positions, masks and result up to float rounding, and about half the
+    tokens through the language model for the default GRPO batch (8 prompts x 6, branches of 3). Otherwise, when
+    the lengths are uneven enough (behaviour cloning's mixed batches of 1-step samples and 3-step trajectories), the
+    batch runs as two length buckets (:func:`length_buckets`): the same per-row results without the padding.
     """
+    kw = dict(entropy=entropy, smoothing=smoothing, temperature=temperature)
+    plan = _prefix_plan(model, encoded) if (vision.ENABLED and share_prefix) else None
+    parts = length_buckets([e.input_ids.shape[0] for e in encoded]) if (vision.ENABLED and plan is None) else None
+    if parts is None:
+        return _teacher_forced(model, encoded, pad_id, logit_filter, plan=plan, **kw)
+    outs = [_teacher_forced(model, [encoded[i] for i in part], pad_id, logit_filter, plan=None, **kw)
+            for part in parts]
+    G = max(o[0].shape[1] for o in outs)
+    order = torch.tensor([i for part in parts for i in part])
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(len(order))
+    inv = inv.to(outs[0][0].device)
+
+    def merge(k: int) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.pad(o[k], (0, G - o[k].shape[1])) for o in outs])[inv]
+
+    return merge(0), merge(1), merge(2)
+
+
+def length_buckets(lengths: Sequence[int], min_saving: float = 0.25) -> Optional[list[list[int]]]:
+    """Two groups of row indices (short rows, long rows) when running them as two right-padded batches saves at
+    least ``min_saving`` of the padded token count of one batch (``B * max length``), else None."""
+    B = len(lengths)
+    if B < 4:
+        return None
+    order = sorted(range(B), key=lambda b: lengths[b])
+    full = B * lengths[order[-1]]
+    best, cut = full, 0
+    for k in range(1, B):
+        area = k * lengths[order[k - 1]] + (B - k) * lengths[order[-1]]
+        if area < best:
+            best, cut = area, k
+    if best > (1.0 - min_saving) * full:
+        return None
+    return [sorted(order[:cut]), sorted(order[cut:])]
+
+
+def _teacher_forced(model: Any, encoded: Sequence[EncodedTrajectory], pad_id: int, logit_filter: LogitFilter, *,
+                    entropy: bool, smoothing: Optional[NumberSmoothing], temperature: bool,
+                    plan: Optional[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One right-padded batch of :func:`teacher_forced` (``plan``: its shared segments, or None)."""
     dev = model.lm_head.weight.device
     B = len(encoded)
     L = max(e.input_ids.shape[0] for e in encoded)
@@ -287,7 +371,6 @@ def teacher_forced(model: Any, encoded: Sequence[EncodedTrajectory], pad_id: int
     col = (sel.long().cumsum(1) - 1)[b_idx, j_idx]  # k-th generated token of its row
     G = int(sel.sum(1).max()) if B else 0
     b_dev, j_dev, col_dev = b_idx.to(dev), j_idx.to(dev), col.to(dev)
-    plan = _prefix_plan(model, encoded, labels) if (vision.ENABLED and share_prefix) else None
     if plan is None:  # one forward of the whole right-padded batch
         keys = []
         for e in encoded:  # one key per image; trajectories without keys share nothing

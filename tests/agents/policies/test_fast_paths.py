@@ -139,14 +139,16 @@ def test_scoring_fast_paths_equal_plain_forward(policy, groups):
     assert_close(score(policy, groups, share=False), want)
 
 
-def test_shared_prompt_needs_a_shared_prompt(policy, groups):
-    """One trajectory per prompt (nothing to share), and a masked prompt region, fall back to the one-pass route."""
+def test_shared_segments_levels_and_fallback(policy, groups):
+    """Groups of 4 from branches of 2: the prompt is shared by 4 rows, the step-0 answer and the step-1 chunk by
+    2; one trajectory per prompt shares nothing and takes the one-pass route with the same result."""
     from agents.policies.logprobs import _prefix_plan
 
     enc = [policy.encode_trajectory(t) for t in groups]
-    labels = torch.stack([torch.nn.functional.pad(e.labels, (0, 300 - len(e.labels)), value=-100) for e in enc])
-    assert _prefix_plan(policy.hf_model, enc, labels) is not None
-    assert _prefix_plan(policy.hf_model, [enc[0], enc[4]], labels[[0, 4]]) is None
+    levels, rest = _prefix_plan(policy.hf_model, enc)
+    assert [len(first) for _, _, first, _ in levels] == [2, 4]  # 2 prompts, 4 step-0 answers, 8 rows
+    assert rest == [e.injected_ends[1] for e in enc]
+    assert _prefix_plan(policy.hf_model, [enc[0], enc[4]]) is None
     single = [groups[0], groups[4]]
     with plain(policy):
         want = score(policy, single, share=False)
@@ -191,3 +193,47 @@ def test_rollouts_equal_with_and_without_fast_paths(policy):
 def test_distinct():
     first, mapping = vision.distinct([("a",), ("b",), ("a",), None, None, ("b",)])
     assert first == [0, 1, 3, 4] and mapping == [0, 1, 0, 2, 3, 1]
+
+
+def test_iteration_benchmark_prints_json(capsys):
+    """benchmarks/grpo_iteration.py at a toy size: both parts, every stage, same results before and after."""
+    import json
+
+    from benchmarks.grpo_iteration import main
+
+    assert main(["--reps", "1", "--bc-steps", "1", "--grpo-args", "--prompts-per-iter 1 --max-new-tokens 8",
+                 "--bc-args", "--batch-size 2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    g = out["grpo"]
+    assert {"collect", "reference_pass", "policy_forward", "backward", "optimizer", "iteration_s"} <= set(g["after"])
+    assert g["checks"][0]["loss_before"] == pytest.approx(g["checks"][0]["loss_after"], abs=1e-5)
+    for phase in ("phase1", "phase2"):
+        assert {"data", "forward", "backward", "step_s"} <= set(out["bc"][phase]["before"])
+        assert out["bc"][phase]["checks"][0]["max_loss_diff"] < 1e-4
+
+
+def test_length_buckets_equal_one_padded_batch(policy, groups):
+    """Uneven lengths (1-step samples beside 3-step trajectories, as in behaviour cloning's mixed batches) run as
+    two length buckets: the same log-probs, entropies, BC loss and gradients as one padded batch."""
+    from agents.policies.base import BCLossOptions
+    from agents.policies.logprobs import length_buckets
+
+    assert length_buckets([50, 52, 160, 165]) == [[0, 1], [2, 3]]
+    assert length_buckets([150, 152, 160, 165]) is None and length_buckets([50, 160]) is None
+    mixed = [dataclasses.replace(t, steps=t.steps[:1]) if i % 2 else t for i, t in enumerate(groups)]
+    mixed = [mixed[i] for i in (1, 0, 3, 6, 5, 2, 7)]  # shuffled lengths
+    lens = [policy.encode_trajectory(t).input_ids.shape[0] for t in mixed]
+    assert length_buckets(lens) is not None
+    with plain(policy):
+        want = score(policy, mixed, share=False)
+    assert_close(score(policy, mixed, share=False), want)
+    opts = BCLossOptions(number_sigma=20.0, clone_start=False)
+    out = {}
+    for fast in (False, True):
+        policy.model.zero_grad()
+        with (contextlib.nullcontext() if fast else plain(policy)):
+            loss, n = policy.bc_loss(mixed, opts)
+        loss.backward()
+        out[fast] = (float(loss.detach()), n, grads(policy))
+    assert out[True][1] == out[False][1] and abs(out[True][0] - out[False][0]) < 1e-5
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(out[True][2], out[False][2]))
