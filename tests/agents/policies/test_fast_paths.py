@@ -237,3 +237,15 @@ def test_length_buckets_equal_one_padded_batch(policy, groups):
         out[fast] = (float(loss.detach()), n, grads(policy))
     assert out[True][1] == out[False][1] and abs(out[True][0] - out[False][0]) < 1e-5
     assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(out[True][2], out[False][2]))
+
+
+def test_fast_paths_both_architectures(tiny_any):
+    """Qwen3-VL and Qwen2.5-VL alike: shared segments, deduplicated images and the matmul patch embedding give the
+    plain forward's log-probs and gradients."""
+    pol = VLMPolicy.from_pretrained(tiny_any, device="cpu", seed=0, full_finetune=True)
+    assert any(type(m).__name__.startswith("Linear") for m in pol.hf_model.modules())
+    sampling = dataclasses.replace(SamplingParams(max_new_tokens=8), branch=2)
+    trajs = collect_groups(env_fn, pol, [4], group_size=4, sampling=sampling, seed=1, keep_observations=True)
+    with plain(pol):
+        want = score(pol, trajs, share=False)
+    assert_close(score(pol, trajs), want)
