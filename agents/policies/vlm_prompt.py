@@ -178,10 +178,11 @@ class PromptLayout:
         self.placeholder_ids = sorted({int(vocab[n]) for n in names if n in vocab})
         self.merge_size = int(getattr(processor.image_processor, "merge_size", 2) or 2)
         # encode() fast path (issue 16): the image processor alone + the text's ids with its one image placeholder
-        # expanded, instead of the multimodal processor call (2-3x cheaper per chunk). Its first FAST_CHECKS chunks
-        # are also encoded by the processor and compared; any difference turns the fast path off for good.
+        # expanded, instead of the multimodal processor call (about 3x cheaper per chunk). The first FAST_CHECKS
+        # chunks of each pixel route are also encoded by the processor and compared; any difference turns the fast
+        # path off for good.
         self.fast_encode = True
-        self._fast_checks = self.FAST_CHECKS
+        self._fast_checks = {"numpy": self.FAST_CHECKS, "image_processor": self.FAST_CHECKS}  # per pixel route
         self._text_ids: dict[str, list[int]] = {}
         self._cache: Optional[OrderedDict] = None  # chunk memo, active inside caching()
         self._cache_max = 0
@@ -237,11 +238,11 @@ class PromptLayout:
                 self.cache_hits += 1
                 self._cache.move_to_end(key)
                 return Chunk(list(hit.ids), hit.pixel_values, hit.image_grid_thw, hit.resized_hw, hit.image_key)
-        chunk = self._encode_fast(text, image) if self.fast_encode else None
-        if chunk is None or self._fast_checks > 0:
+        chunk, route = self._encode_fast(text, image) if self.fast_encode else (None, "")
+        if chunk is None or self._fast_checks.get(route, 0) > 0:
             ref = self._encode_processor(text, image)
             if chunk is not None:
-                self._fast_checks -= 1
+                self._fast_checks[route] -= 1
                 if not _same_chunk(chunk, ref):
                     self.fast_encode = False
             chunk = ref
@@ -260,11 +261,12 @@ class PromptLayout:
         hw = (int(grid[0, 1]) * self.patch_size, int(grid[0, 2]) * self.patch_size)
         return Chunk(out["input_ids"][0].tolist(), out["pixel_values"], grid, hw)
 
-    def _encode_fast(self, text: str, image: np.ndarray) -> Optional[Chunk]:
+    def _encode_fast(self, text: str, image: np.ndarray) -> tuple[Optional[Chunk], str]:
         """The image's pixel values (:func:`_numpy_pixels`, else the image processor alone) and the text's ids
         (memoised per text) with the one placeholder expanded to the image's token count (grid cells /
-        merge_size^2), as the processor does before tokenising."""
+        merge_size^2), as the processor does before tokenising; with the pixel route taken."""
         fast = _numpy_pixels(self.processor.image_processor, image)
+        route = "numpy" if fast is not None else "image_processor"
         if fast is not None:
             pixel_values, grid = fast
         else:
@@ -277,11 +279,11 @@ class PromptLayout:
                 self._text_ids.clear()
             tmpl = self._text_ids[text] = list(self.tokenizer(text)["input_ids"])
         if tmpl.count(self.image_token_id) != 1:
-            return None  # the processor route handles (or reports) it
+            return None, route  # the processor route handles (or reports) it
         k = tmpl.index(self.image_token_id)
         ids = tmpl[:k] + [self.image_token_id] * n + tmpl[k + 1:]
         hw = (int(grid[0, 1]) * self.patch_size, int(grid[0, 2]) * self.patch_size)
-        return Chunk(ids, pixel_values, grid, hw)
+        return Chunk(ids, pixel_values, grid, hw), route
 
     def first_chunk(self, image: np.ndarray, expression: str) -> Chunk:
         return self.encode(self.first_text(expression), image)

@@ -71,7 +71,8 @@ def test_fast_encode_equals_processor(policy):
     for seed, (h, w) in enumerate([(128, 128), (96, 160), (100, 130)]):
         image = rand_image(seed, h, w)
         for text in (lay.first_text("the red square on the left"), lay.refine_text()):
-            a, b = lay._encode_fast(text, image), lay._encode_processor(text, image)
+            (a, route), b = lay._encode_fast(text, image), lay._encode_processor(text, image)
+            assert route == ("image_processor" if (h, w) == (100, 130) else "numpy")
             assert a.ids == b.ids and a.resized_hw == b.resized_hw
             assert torch.equal(a.pixel_values, b.pixel_values) and torch.equal(a.image_grid_thw, b.image_grid_thw)
     assert lay.fast_encode  # the self-checks of the first chunks found no difference
