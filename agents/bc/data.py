@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 import random
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
+import torch
 
 from rollouts.observations import load_png, replay_observations
 from rollouts.types import Trajectory
@@ -142,3 +143,70 @@ class OnlineData:
             kept = [r for r in recs if r["stage"] == "kept"][:want]
             trajs += syn.trajectories(kept, keep_observations=True)
         return trajs
+
+
+class _Batches(torch.utils.data.Dataset):
+    """Item k: micro-batch k of ``data`` and, with ``encode``, each trajectory's training sequence."""
+
+    def __init__(self, data: Any, encode: Optional[Callable[[Any], Any]]):
+        self.data, self.encode = data, encode
+
+    def __len__(self) -> int:  # never used for sampling (the sampler gives the indices)
+        return 1 << 62
+
+    def __getitem__(self, k: int):
+        batch = self.data.batch(int(k))
+        return batch, ([self.encode(t) for t in batch] if self.encode is not None else None)
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+class Prefetcher:
+    """Micro-batches ``start``, ``start + 1``, ... of ``data`` (FolderData / OnlineData) drawn in ONE worker process,
+    ``depth`` ahead of the consumer, with their training sequences (``encode(traj)``, e.g.
+    ``VLMPolicy.encode_trajectory``: overlay rendering and the image processor) also made there. Batch k is a pure
+    function of (seed, k), so the batches and sequences are exactly those drawn in the training process.
+    ``next(k)`` returns ``(trajectories, encoded or None)`` and checks that k is the next index. The worker is forked
+    (it shares the data source and the encoder as they are at the first ``next``) and stops at :meth:`close`.
+    ``depth=0``: no worker, each batch made on demand."""
+
+    def __init__(self, data: Any, start: int = 0, encode: Optional[Callable[[Any], Any]] = None, depth: int = 2):
+        self.data, self.encode, self.depth = data, encode, int(depth)
+        self.k = int(start)
+        self._it: Optional[Iterator] = None
+        self._loader = None
+
+    def _start(self) -> None:
+        import itertools
+        import multiprocessing
+
+        self._loader = torch.utils.data.DataLoader(
+            _Batches(self.data, self.encode), batch_size=None, sampler=itertools.count(self.k), num_workers=1,
+            prefetch_factor=self.depth, collate_fn=_as_is, multiprocessing_context=multiprocessing.get_context("fork"),
+        )
+        self._it = iter(self._loader)
+
+    def next(self, k: int):
+        if k != self.k:
+            raise ValueError(f"Prefetcher: asked for micro-batch {k}, the next one is {self.k}")
+        if self.depth <= 0:
+            self.k += 1
+            batch = self.data.batch(k)
+            return batch, ([self.encode(t) for t in batch] if self.encode is not None else None)
+        if self._it is None:
+            self._start()  # its sampler counts from self.k
+        self.k += 1
+        return next(self._it)
+
+    def close(self) -> None:
+        it, self._it, self._loader = self._it, None, None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -28,6 +28,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from agents.bc.config import BCConfig
+from agents.bc.data import Prefetcher
 from agents.bc.setup import bc_scheduler, build_data, build_policy, steps_per_epoch, total_steps
 from agents.common.checkpoint import (CheckpointError, apply_schedule, checkpoint_dir, latest_checkpoint,
                                      load_checkpoint, prune_checkpoints, read_state, save_checkpoint)
@@ -63,13 +64,28 @@ def train(cfg: BCConfig) -> dict[str, Any]:
         m = _evaluate(cfg, policy, evaluator, log, state, run_dir, step=0)
         print(f"[bc] step 0 (untrained): acc@0.5 {m['acc@0.5']:.3f}, format {m['format_rate']:.3f}", file=sys.stderr)
     bar = _progress(cfg, total, start=state["step"])
-    t_start, done_here, window = time.perf_counter(), 0, []
+    t_start = time.perf_counter()
+    # micro-batches drawn and encoded in a worker process, cfg.prefetch ahead (the same batches as in-process)
+    encode = getattr(policy, "encode_trajectory", None)
+    prefetch = Prefetcher(data, start=state["step"] * cfg.grad_accum, encode=encode, depth=cfg.prefetch)
+    try:
+        summary = _train_loop(cfg, policy, params, data, optimizer, scheduler, state, log, run_dir, total, eval_every,
+                              loss_options, evaluator, bar, prefetch, t_start)
+    finally:
+        prefetch.close()
+    return summary
+
+
+def _train_loop(cfg, policy, params, data, optimizer, scheduler, state, log, run_dir, total, eval_every,
+                loss_options, evaluator, bar, prefetch, t_start) -> dict[str, Any]:
+    done_here, window = 0, []
     for step in range(state["step"], total):
         # --- one optimizer step over grad_accum micro-batches of teacher trajectories
         t0 = time.perf_counter()
         for m_idx in range(cfg.grad_accum):
-            batch = data.batch(step * cfg.grad_accum + m_idx)
-            loss, n_tok = policy.bc_loss(batch, loss_options)
+            batch, encoded = prefetch.next(step * cfg.grad_accum + m_idx)
+            loss, n_tok = (policy.bc_loss(batch, loss_options, encoded=encoded) if encoded is not None
+                           else policy.bc_loss(batch, loss_options))
             (loss / cfg.grad_accum).backward()
             window.append(float(loss.detach()))
             state["trajectories"] += len(batch)

@@ -12,6 +12,7 @@ With no arguments: ``configs/grpo_cpu.yaml`` (the tiny model on IVT-Synthetic-v0
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -72,43 +73,13 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
     bar = _progress(cfg, dist, start=state["iteration"])
     skipped_in_row = 0
     for it in range(state["iteration"], cfg.iterations):
-        # --- collect: N trajectories for each of this rank's prompts
-        t0 = time.perf_counter()
-        prompts = sample_prompts(n_train, cfg.prompts_per_iter, derive_seed(cfg.seed, dist.rank, it, 1))
-        # observations stay in memory: the policy re-encodes them to score its tokens (token_logprobs)
-        trajs = collector.collect(policy, prompts, cfg.group_size, sampling,
-                                  seed=derive_seed(cfg.seed, dist.rank, it, 2), keep_observations=True)
-        skipped = _check_skipped(collector, trajs, it)
-        groups = group_trajectories(trajs, cfg.group_size)
-        rollout_s = time.perf_counter() - t0
-
-        # --- advantages: one per trajectory, from its group's returns
-        rewards = torch.tensor([[t.ret for t in g] for g in groups], dtype=torch.float64)  # (G, N)
-        _warn_nonfinite_rewards(cfg, groups, rewards, it + 1)  # they get advantage 0 (agents.grpo.advantages)
-        scales = torch.tensor([[grounded_area_fraction(t) for t in g] for g in groups],
-                              dtype=torch.float64)  # (G, N) SRPO: each rollout's own grounded area
-        adv = compute_advantages(cfg.advantage, rewards, scales=scales, eps=cfg.adv_eps,
-                                 population_std=cfg.population_std, num_bins=cfg.srpo_bins)
-        batch = [t for g in groups for t in g]
-        # per trajectory (B,) as in IVT, or per step (B, S) with cfg.step_advantage (agents.grpo.step_credit)
-        upd_adv = update_advantages(cfg, groups, rewards, adv)
-        # teacher guidance (off by default): the teacher's answer to each refinement state visited (DAgger targets)
-        guide = (guidance_trajectories(batch, verbosity=cfg.guide_verbosity, states=cfg.guide_states)
-                 if cfg.guide_coef else [])
-
-        # --- update: IVT Eq. 2 over generated tokens, accumulated over grad_accum micro-batches
-        t1 = time.perf_counter()
-        stats = policy_update(policy, optimizer, batch, upd_adv, grad_accum=cfg.grad_accum,
-                              updates=cfg.updates_per_iter, beta=cfg.beta, entropy_coef=cfg.entropy_coef,
-                              kl_estimator=cfg.kl_estimator, clip_eps=cfg.clip_eps, old_logprobs=cfg.old_logprobs,
-                              aggregation=cfg.aggregation, norm_len=norm_len, max_grad_norm=cfg.max_grad_norm,
-                              entropy_aggregation=cfg.entropy_aggregation, guide_coef=cfg.guide_coef,
-                              guide=guide,
-                              guide_options=BCLossOptions(number_sigma=cfg.guide_sigma, clone_start=True))
+        # one encoding of every observation per iteration: the rollout's chunks serve both passes of the update
+        with _encoding_cache(policy):
+            stats, rollout_s, update_s, batch, rewards, skipped = _iteration(
+                cfg, it, policy, optimizer, collector, sampling, n_train, dist, norm_len)
         skipped_in_row = _count_skip(cfg, stats.skipped, skipped_in_row, it + 1)
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        update_s = time.perf_counter() - t1
         state["iteration"] = it + 1
 
         # --- log: rollout metrics over all ranks' trajectories, losses averaged over ranks
@@ -135,6 +106,53 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
     distributed.barrier()
     summary = _summary(state, run_dir)
     return summary
+
+
+def _encoding_cache(policy: Any):
+    """The policy's per-iteration encoding memo (VLMPolicy.encoding_cache), or a no-op for other policies."""
+    fn = getattr(policy, "encoding_cache", None)
+    return fn() if callable(fn) else contextlib.nullcontext()
+
+
+def _iteration(cfg: GRPOConfig, it: int, policy: Any, optimizer: Any, collector: Collector, sampling: Any,
+               n_train: int, dist: distributed.DistInfo, norm_len: int):
+    """Collect, advantages and the policy update of iteration ``it`` (0-based); returns (stats, rollout seconds,
+    update seconds, batch, rewards (G, N), skipped samples)."""
+    # --- collect: N trajectories for each of this rank's prompts
+    t0 = time.perf_counter()
+    prompts = sample_prompts(n_train, cfg.prompts_per_iter, derive_seed(cfg.seed, dist.rank, it, 1))
+    # observations stay in memory: the policy re-encodes them to score its tokens (token_logprobs)
+    trajs = collector.collect(policy, prompts, cfg.group_size, sampling,
+                              seed=derive_seed(cfg.seed, dist.rank, it, 2), keep_observations=True)
+    skipped = _check_skipped(collector, trajs, it)
+    groups = group_trajectories(trajs, cfg.group_size)
+    rollout_s = time.perf_counter() - t0
+
+    # --- advantages: one per trajectory, from its group's returns
+    rewards = torch.tensor([[t.ret for t in g] for g in groups], dtype=torch.float64)  # (G, N)
+    _warn_nonfinite_rewards(cfg, groups, rewards, it + 1)  # they get advantage 0 (agents.grpo.advantages)
+    scales = torch.tensor([[grounded_area_fraction(t) for t in g] for g in groups],
+                          dtype=torch.float64)  # (G, N) SRPO: each rollout's own grounded area
+    adv = compute_advantages(cfg.advantage, rewards, scales=scales, eps=cfg.adv_eps,
+                             population_std=cfg.population_std, num_bins=cfg.srpo_bins)
+    batch = [t for g in groups for t in g]
+    # per trajectory (B,) as in IVT, or per step (B, S) with cfg.step_advantage (agents.grpo.step_credit)
+    upd_adv = update_advantages(cfg, groups, rewards, adv)
+    # teacher guidance (off by default): the teacher's answer to each refinement state visited (DAgger targets)
+    guide = (guidance_trajectories(batch, verbosity=cfg.guide_verbosity, states=cfg.guide_states)
+             if cfg.guide_coef else [])
+
+    # --- update: IVT Eq. 2 over generated tokens, accumulated over grad_accum micro-batches
+    t1 = time.perf_counter()
+    stats = policy_update(policy, optimizer, batch, upd_adv, grad_accum=cfg.grad_accum,
+                          updates=cfg.updates_per_iter, beta=cfg.beta, entropy_coef=cfg.entropy_coef,
+                          kl_estimator=cfg.kl_estimator, clip_eps=cfg.clip_eps, old_logprobs=cfg.old_logprobs,
+                          aggregation=cfg.aggregation, norm_len=norm_len, max_grad_norm=cfg.max_grad_norm,
+                          entropy_aggregation=cfg.entropy_aggregation, guide_coef=cfg.guide_coef,
+                          guide=guide,
+                          guide_options=BCLossOptions(number_sigma=cfg.guide_sigma, clone_start=True))
+    update_s = time.perf_counter() - t1
+    return stats, rollout_s, update_s, batch, rewards, skipped
 
 
 # --------------------------------------------------------------------------------------------------- helpers

@@ -33,6 +33,7 @@ import torch
 from transformers import DynamicCache
 
 from agents.policies.kv_cache import growing_cache, sample_inverse_cdf
+from agents.policies.vision import vision_inputs
 
 from agents.policies.vlm_prompt import BoxStopper, Chunk, PromptLayout, mm_token_types
 
@@ -186,17 +187,17 @@ class RolloutEngine:
                      for j in index]
 
     # ------------------------------------------------------------------ internals
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, pixel_values: Optional[torch.Tensor],
-                 grids: Optional[torch.Tensor], last_cols: torch.Tensor) -> torch.Tensor:
-        """Append ``ids`` (B, W) to the cache; return logits (B, V) at column ``last_cols[b]`` of each row."""
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, vision: Optional[dict],
+                 last_cols: torch.Tensor) -> torch.Tensor:
+        """Append ``ids`` (B, W) to the cache; return logits (B, V) at column ``last_cols[b]`` of each row.
+        ``vision``: the image keyword arguments (:func:`agents.policies.vision.vision_inputs`), None for none."""
         out = self.model.model(
             input_ids=ids,
             attention_mask=self.attn,
             position_ids=pos,
             past_key_values=self.cache,
-            pixel_values=pixel_values,
-            image_grid_thw=grids,
             use_cache=True,
+            **(vision or {}),
         )
         hidden = out.last_hidden_state  # (B, W, H)
         h = hidden[torch.arange(ids.shape[0], device=ids.device), last_cols]  # (B, H)
@@ -219,8 +220,7 @@ class RolloutEngine:
             pos[:, b, n:] = row.next_pos  # pads: masked, any value
             row.next_pos += int(local.max()) + 1
             row.pending = []
-        grids = [c.image_grid_thw for c in chunks if c.image_grid_thw is not None]
-        pixels = [c.pixel_values for c in chunks if c.pixel_values is not None]
+        with_image = [c for c in chunks if c.pixel_values is not None and c.image_grid_thw is not None]
         if self.cache is None:
             self.cache = growing_cache(self.model.config)
             self.attn = mask.to(dev)
@@ -230,8 +230,9 @@ class RolloutEngine:
         self.next_logits = self._forward(
             ids.to(dev),
             pos.to(dev),
-            torch.cat(pixels).to(dev) if pixels else None,
-            torch.cat(grids).to(dev) if grids else None,
+            # siblings of a branching group see the same overlay: each distinct image through the tower once
+            vision_inputs(self.model.model, [c.pixel_values for c in with_image],
+                          [c.image_grid_thw for c in with_image], [c.image_key for c in with_image], dev),
             last,
         )
 
@@ -312,7 +313,7 @@ class RolloutEngine:
                 mask[b, 0] = 1
                 row.next_pos += 1
         self.attn = torch.cat([self.attn, mask.to(dev)], dim=1)
-        return self._forward(ids.to(dev), pos.to(dev), None, None, torch.zeros(B, dtype=torch.long, device=dev))
+        return self._forward(ids.to(dev), pos.to(dev), None, torch.zeros(B, dtype=torch.long, device=dev))
 
 
 def score_temperature(temperature: float) -> float:

@@ -55,6 +55,7 @@ from agents.policies.logprobs import (
     encode_trajectory,
     teacher_forced,
 )
+from agents.policies.vision import linear_patch_embeddings
 from agents.policies.vlm_processor import load_processor
 from agents.policies.vlm_setup import (
     LoraSettings,
@@ -88,6 +89,7 @@ class VLMPolicy(TrainablePolicy):
         self.image_resolver = image_resolver
         self.reference_adapter = reference_adapter  # peft adapter name of the frozen reference, if any
         self.model_type = self.hf_model.config.model_type
+        linear_patch_embeddings(self.hf_model)  # the patch Conv3d as a matmul (issue 16: same weights, cheaper)
         self.layout = PromptLayout(processor, prompts, self.model_type)
         self.logit_filter = LogitFilter(len(self.tokenizer), self.layout.placeholder_ids)
         self.engine = RolloutEngine(self.hf_model, self.layout, self.logit_filter)
@@ -287,6 +289,12 @@ class VLMPolicy(TrainablePolicy):
         """The full training sequence of ``traj`` in the inference layout (labels -100 on injected tokens)."""
         return encode_trajectory(traj, self.layout, self.image_resolver)
 
+    def encoding_cache(self):
+        """Context manager: inside it every chunk (image + text -> ids, pixel values) is encoded once and reused
+        (:meth:`PromptLayout.caching`): GRPO wraps each iteration in it, so the update's policy and reference
+        passes reuse the rollout's encodings instead of running the image processor again."""
+        return self.layout.caching()
+
     @contextlib.contextmanager
     def _reference_context(self):
         """Forward passes inside run the reference policy (see the module docstring)."""
@@ -328,15 +336,21 @@ class VLMPolicy(TrainablePolicy):
                                                temperature=True)
         return TokenLogprobs(logprobs=lp, entropy=ent, mask=mask)
 
-    def bc_loss(self, trajectories: Sequence[Any], options: Optional[BCLossOptions] = None) -> tuple[torch.Tensor, int]:
+    def bc_loss(self, trajectories: Sequence[Any], options: Optional[BCLossOptions] = None,
+                encoded: Optional[Sequence[EncodedTrajectory]] = None) -> tuple[torch.Tensor, int]:
         """Mean cross-entropy over the generated tokens of ``trajectories`` and their count. ``options.number_sigma``
         > 0: whole-number tokens get Gaussian soft targets of that width (:class:`.logprobs.NumberSmoothing`).
         ``options.clone_start=False``: step 0 of a trajectory WITH refinement steps is context only (labels -100),
         e.g. when a scripted student wrote it and it is not the model's own answer; single-step samples still train.
-        ``options.last_step_only``: only each trajectory's last step is a target (GRPO teacher guidance)."""
+        ``options.last_step_only``: only each trajectory's last step is a target (GRPO teacher guidance).
+        ``encoded``: the trajectories' :meth:`encode_trajectory` results made elsewhere (e.g. in the BC data worker,
+        :class:`agents.bc.data.Prefetcher`); their labels are modified here."""
         options = options or BCLossOptions()
         number_sigma = options.number_sigma
-        encoded = [self.encode_trajectory(t) for t in trajectories]
+        if encoded is None:
+            encoded = [self.encode_trajectory(t) for t in trajectories]
+        elif len(encoded) != len(trajectories):
+            raise ValueError(f"bc_loss: {len(encoded)} encoded sequences for {len(trajectories)} trajectories")
         if not options.clone_start:
             for e in encoded:
                 if int(e.step_index.max()) > 0:

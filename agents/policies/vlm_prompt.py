@@ -18,8 +18,11 @@ Texts live in ``configs/prompts.yaml`` (:class:`PromptConfig`).
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -94,6 +97,14 @@ class Chunk:
     pixel_values: Optional[torch.Tensor]  # (n_patches, C * temporal_patch * patch * patch)
     image_grid_thw: Optional[torch.Tensor]  # (1, 3) LongTensor: (t, h, w) in patches
     resized_hw: Optional[tuple[int, int]] = None  # (H', W') the processor resized the image to
+    image_key: Optional[tuple] = None  # content key of the image (shape + digest): equal keys, equal pixel_values
+
+
+def image_key(image: np.ndarray) -> tuple:
+    """A content key of a uint8 image: equal keys mean byte-identical images (so identical ``pixel_values`` and
+    identical vision features: :func:`agents.policies.vision.vision_inputs`)."""
+    image = np.ascontiguousarray(image)
+    return (image.shape, hashlib.blake2b(image.data, digest_size=16).digest())
 
 
 # A bracketed list of four numbers (same admitted syntax as ivt_env.boxes).
@@ -165,6 +176,34 @@ class PromptLayout:
         vocab = tok.get_vocab()
         names = [self.image_token, self.vision_start, self.vision_end, "<|video_pad|>", "<|vision_pad|>"]
         self.placeholder_ids = sorted({int(vocab[n]) for n in names if n in vocab})
+        self.merge_size = int(getattr(processor.image_processor, "merge_size", 2) or 2)
+        # encode() fast path (issue 16): the image processor alone + the text's ids with its one image placeholder
+        # expanded, instead of the multimodal processor call (about 3x cheaper per chunk). The first FAST_CHECKS
+        # chunks of each pixel route are also encoded by the processor and compared; any difference turns the fast
+        # path off for good.
+        self.fast_encode = True
+        self._fast_checks = {"numpy": self.FAST_CHECKS, "image_processor": self.FAST_CHECKS}  # per pixel route
+        self._text_ids: dict[str, list[int]] = {}
+        self._cache: Optional[OrderedDict] = None  # chunk memo, active inside caching()
+        self._cache_max = 0
+        self.cache_hits = 0
+
+    FAST_CHECKS = 4
+
+    @contextlib.contextmanager
+    def caching(self, max_items: int = 4096):
+        """Inside the block, :meth:`encode` memoises chunks by (text, image content): a GRPO iteration encodes each
+        observation once for the rollout and reuses it for the policy and reference passes of the update (the chunk
+        is a pure function of the text and the image bytes, so results are identical). Nested blocks share the outer
+        memo; it is dropped when the outermost block ends (no memory held between iterations)."""
+        if self._cache is not None:
+            yield
+            return
+        self._cache, self._cache_max = OrderedDict(), int(max_items)
+        try:
+            yield
+        finally:
+            self._cache = None
 
     # ------------------------------------------------------------------ texts
     def question_text(self, expression: str) -> str:
@@ -191,10 +230,60 @@ class PromptLayout:
         image = np.ascontiguousarray(np.asarray(image))
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"image must be (H, W, 3) uint8, got shape {image.shape} dtype {image.dtype}")
+        ikey = image_key(image)
+        key = (text, ikey)
+        if self._cache is not None:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self.cache_hits += 1
+                self._cache.move_to_end(key)
+                return Chunk(list(hit.ids), hit.pixel_values, hit.image_grid_thw, hit.resized_hw, hit.image_key)
+        chunk, route = self._encode_fast(text, image) if self.fast_encode else (None, "")
+        if chunk is None or self._fast_checks.get(route, 0) > 0:
+            ref = self._encode_processor(text, image)
+            if chunk is not None:
+                self._fast_checks[route] -= 1
+                if not _same_chunk(chunk, ref):
+                    self.fast_encode = False
+            chunk = ref
+        chunk.image_key = ikey
+        if self._cache is not None:
+            self._cache[key] = chunk
+            if len(self._cache) > self._cache_max:
+                self._cache.popitem(last=False)
+            return Chunk(list(chunk.ids), chunk.pixel_values, chunk.image_grid_thw, chunk.resized_hw, ikey)
+        return chunk
+
+    def _encode_processor(self, text: str, image: np.ndarray) -> Chunk:
+        """The reference route: the multimodal processor expands the placeholder and tokenises the text."""
         out = self.processor(text=[text], images=[image], return_tensors="pt")
         grid = out["image_grid_thw"].long()
         hw = (int(grid[0, 1]) * self.patch_size, int(grid[0, 2]) * self.patch_size)
         return Chunk(out["input_ids"][0].tolist(), out["pixel_values"], grid, hw)
+
+    def _encode_fast(self, text: str, image: np.ndarray) -> tuple[Optional[Chunk], str]:
+        """The image's pixel values (:func:`_numpy_pixels`, else the image processor alone) and the text's ids
+        (memoised per text) with the one placeholder expanded to the image's token count (grid cells /
+        merge_size^2), as the processor does before tokenising; with the pixel route taken."""
+        fast = _numpy_pixels(self.processor.image_processor, image)
+        route = "numpy" if fast is not None else "image_processor"
+        if fast is not None:
+            pixel_values, grid = fast
+        else:
+            out = self.processor.image_processor(images=[image], return_tensors="pt")
+            pixel_values, grid = out["pixel_values"], out["image_grid_thw"].long()
+        n = int(grid[0].prod()) // self.merge_size ** 2
+        tmpl = self._text_ids.get(text)
+        if tmpl is None:
+            if len(self._text_ids) > 4096:
+                self._text_ids.clear()
+            tmpl = self._text_ids[text] = list(self.tokenizer(text)["input_ids"])
+        if tmpl.count(self.image_token_id) != 1:
+            return None, route  # the processor route handles (or reports) it
+        k = tmpl.index(self.image_token_id)
+        ids = tmpl[:k] + [self.image_token_id] * n + tmpl[k + 1:]
+        hw = (int(grid[0, 1]) * self.patch_size, int(grid[0, 2]) * self.patch_size)
+        return Chunk(ids, pixel_values, grid, hw), route
 
     def first_chunk(self, image: np.ndarray, expression: str) -> Chunk:
         return self.encode(self.first_text(expression), image)
@@ -212,6 +301,41 @@ class PromptLayout:
             return text
         h, w = chunk0.resized_hw
         return abs_box_text_to_norm(text, w, h)
+
+
+def _numpy_pixels(ip: Any, image: np.ndarray) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``Qwen2VLImageProcessor(Pil)`` on one RGB uint8 image that needs no resizing, in a few numpy operations:
+    rescale (in float64, then float32, as ``image_transforms.rescale``), normalise, patchify. None when the image
+    would be resized or the processor is set up otherwise (the caller then runs the processor itself)."""
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+    except ImportError:  # pragma: no cover - other transformers layouts
+        return None
+    P, T, M = int(ip.patch_size), int(ip.temporal_patch_size), int(ip.merge_size)
+    if not (ip.do_rescale and ip.do_normalize) or image.ndim != 3 or image.shape[2] != 3:
+        return None
+    try:
+        lo, hi = ip.size["shortest_edge"], ip.size["longest_edge"]
+    except (KeyError, TypeError, AttributeError):
+        return None
+    if lo is None or hi is None:
+        return None
+    h, w = image.shape[:2]
+    if smart_resize(h, w, factor=P * M, min_pixels=lo, max_pixels=hi) != (h, w):
+        return None
+    x = (image.astype(np.float64) * ip.rescale_factor).astype(np.float32)
+    mean, std = np.asarray(ip.image_mean, dtype=np.float32), np.asarray(ip.image_std, dtype=np.float32)
+    x = ((x - mean) / std).transpose(2, 0, 1)  # (C, H, W)
+    gh, gw = h // P, w // P
+    x = np.broadcast_to(x[None], (T, 3, h, w))  # one image: its frame repeated temporal_patch_size times
+    x = x.reshape(1, T, 3, gh // M, M, P, gw // M, M, P).transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    pixels = torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, 3 * T * P * P))
+    return pixels, torch.tensor([[1, gh, gw]], dtype=torch.long)
+
+
+def _same_chunk(a: Chunk, b: Chunk) -> bool:
+    return (a.ids == b.ids and torch.equal(a.image_grid_thw, b.image_grid_thw) and a.resized_hw == b.resized_hw
+            and a.pixel_values.dtype == b.pixel_values.dtype and torch.equal(a.pixel_values, b.pixel_values))
 
 
 def mm_token_types(ids: Sequence[int] | torch.Tensor, image_token_id: int) -> torch.Tensor:

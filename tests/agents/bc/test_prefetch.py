@@ -1,0 +1,44 @@
+"""Issue 16: behaviour-cloning batches drawn and encoded in a worker process are the in-process ones."""
+
+import numpy as np
+import pytest
+import torch
+
+from agents.bc import build_data, build_policy, train
+from agents.bc.data import Prefetcher
+
+from .test_trainer import _cfg
+
+
+def test_prefetched_batches_and_encodings_equal_in_process(tmp_path):
+    cfg = _cfg(tmp_path / "run", batch_size=4, grounding_mix=0.5, grounding_only_steps=1, max_steps=4)
+    policy = build_policy(cfg, tmp_path / "run")
+    data = build_data(cfg)
+    with Prefetcher(data, start=1, encode=policy.encode_trajectory, depth=2) as pre:
+        got = [pre.next(k) for k in (1, 2, 3)]
+        with pytest.raises(ValueError, match="next one is 4"):
+            pre.next(6)
+    for k, (batch, enc) in zip((1, 2, 3), got):
+        want = data.batch(k)
+        assert [t.sample_id for t in batch] == [t.sample_id for t in want]
+        assert [s.text for t in batch for s in t.steps] == [s.text for t in want for s in t.steps]
+        assert all(np.array_equal(s.observation, w.observation)
+                   for t, u in zip(batch, want) for s, w in zip(t.steps, u.steps))
+        for e, t in zip(enc, want):
+            ref = policy.encode_trajectory(t)
+            assert torch.equal(e.input_ids, ref.input_ids) and torch.equal(e.labels, ref.labels)
+            assert torch.equal(e.pixel_values, ref.pixel_values)
+    inline = Prefetcher(data, start=0, depth=0)  # no worker: made on demand
+    batch, enc = inline.next(0)
+    assert enc is None and [t.sample_id for t in batch] == [t.sample_id for t in data.batch(0)]
+
+
+def test_run_with_prefetch_equals_run_without(tmp_path):
+    kw = dict(batch_size=4, max_steps=3, grounding_mix=0.5, grounding_only_steps=1, number_sigma=20.0,
+              clone_start=False)
+    a = train(_cfg(tmp_path / "a", prefetch=0, **kw))
+    b = train(_cfg(tmp_path / "b", prefetch=2, **kw))
+    assert a["steps"] == b["steps"] == 3
+    wa = torch.load(tmp_path / "a" / "checkpoints" / "iter_000003" / "trainable.pt", weights_only=True)
+    wb = torch.load(tmp_path / "b" / "checkpoints" / "iter_000003" / "trainable.pt", weights_only=True)
+    assert all(torch.equal(x, y) for x, y in zip(wa, wb))
