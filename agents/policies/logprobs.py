@@ -56,7 +56,8 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
     temps: list[float] = []
     pixels, grids = [], []
     for t, (st, image) in enumerate(zip(traj.steps, images)):
-        chunk = layout.first_chunk(image, traj.expression) if t == 0 else layout.refine_chunk(image)
+        stop = bool((traj.meta or {}).get("allow_stop"))  # the step-0 question says the model may stop
+        chunk = layout.first_chunk(image, traj.expression, stop) if t == 0 else layout.refine_chunk(image)
         injected = chunk.ids
         if st.injected_ids is not None:
             injected = list(st.injected_ids)
@@ -73,7 +74,8 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
             raise ValueError(f"trajectory {traj.sample_id!r} step {t}: the generated part holds multimodal placeholder "
                              f"tokens {sorted(bad)} (text {st.text[:80]!r}); they may only be injected")
         ids += injected + gen
-        labels += [IGNORE] * len(injected) + gen
+        given = bool((st.extra or {}).get("start_box"))  # a given start box (reset option start_box): context only
+        labels += [IGNORE] * len(injected) + ([IGNORE] * len(gen) if given else gen)
         steps += [t] * (len(injected) + len(gen))
         temps.append(float(getattr(st, "temperature", None) or 1.0))  # None (teacher text, old data): T = 1
         pixels.append(chunk.pixel_values)
