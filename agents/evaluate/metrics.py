@@ -20,8 +20,9 @@ best-over-steps selection can produce; the headline numbers here use the final b
 
 All rates are fractions in [0, 1]; means over an empty stratum are ``None`` (JSON ``null``).
 
-Adaptive refinement (episodes that stop early have different lengths; ``adaptive=True``, automatic when lengths
-differ or a trajectory has ``meta["allow_stop"]``): the FINAL box is each trajectory's last step. Table 2's
+Adaptive refinement (episodes that stop early have different lengths; :func:`compute_metrics` turns it on when a
+trajectory has ``meta["allow_stop"]``, :func:`metrics_from_ious` with ``adaptive=True``): the FINAL box is each
+trajectory's last step. Table 2's
 ``iou_step[t]`` CARRIES THE LAST BOX FORWARD: a trajectory that stopped at step k < t counts with its step-k IoU at
 step t (so ``iou_step[T]`` is the mean final IoU and ``delta`` is final minus step 0 over all trajectories, as
 in the fixed-T table); ``iou_step_reached[t]`` / ``reached_step[t]`` are the mean IoU over, and the number of,
@@ -89,10 +90,10 @@ def metrics_from_ious(
     returns: Optional[Sequence[float]] = None,
     thresholds: Sequence[float] = ACC_THRESHOLDS,
     eps: float = OUTCOME_EPS,
-    adaptive: Optional[bool] = None,
+    adaptive: bool = False,
 ) -> dict[str, Any]:
     """The metric table from per-trajectory step IoUs (``ious[i][t]``; all trajectories must have T+1 steps unless
-    ``adaptive``: see the module docstring; ``None`` = adaptive when the step counts differ).
+    ``adaptive``: see the module docstring; :func:`compute_metrics` turns it on for trajectories of a stopping env).
 
     ``valids[i][t]`` marks parseable steps (invalid steps count as IoU 0); ``datasets[i]`` adds a per-dataset
     Table-1 breakdown (``by_dataset``); ``returns[i]`` adds the mean return.
@@ -103,8 +104,6 @@ def metrics_from_ious(
     if 0 in lengths:
         empty = next(i for i, r in enumerate(ious) if not len(r))
         raise ValueError(f"compute_metrics: trajectory {empty} has no steps")
-    if adaptive is None:
-        adaptive = len(lengths) > 1
     if len(lengths) != 1 and not adaptive:
         first_bad = next(i for i, r in enumerate(ious) if len(r) != len(ious[0]))
         raise ValueError(
@@ -232,9 +231,8 @@ def compute_metrics(trajectories: Iterable[Any], **kwargs: Any) -> dict[str, Any
 
 
 def _compute(trajs: list, **kwargs: Any) -> dict[str, Any]:
-    if "adaptive" not in kwargs:  # stopping on (or any episode shorter than another): the adaptive keys
-        kwargs["adaptive"] = (len({len(t.steps) for t in trajs}) > 1
-                              or any(isinstance(t.meta, dict) and t.meta.get("allow_stop") for t in trajs))
+    if "adaptive" not in kwargs:  # the trajectories of a stopping env (the collector marks them): adaptive keys
+        kwargs["adaptive"] = any(isinstance(t.meta, dict) and t.meta.get("allow_stop") for t in trajs)
     return metrics_from_ious(
         [trajectory_ious(t) for t in trajs],
         [[bool(s.valid) for s in t.steps] for t in trajs],

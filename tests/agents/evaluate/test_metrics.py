@@ -127,7 +127,7 @@ def test_report(five):
 def test_unequal_lengths_by_hand():
     # A stopped at step 0, B at step 1, C used the whole budget T = 2. Carried forward: A [.8 .8 .8], B [.3 .6 .6].
     ious = [[0.8], [0.3, 0.6], [0.2, 0.4, 0.1]]
-    m = metrics_from_ious(ious)
+    m = metrics_from_ious(ious, adaptive=True)
     assert m["steps"] == 2 and m["acc@0.5"] == pytest.approx(2 / 3) and m["miou"] == pytest.approx(0.5)
     assert m["iou_step"] == pytest.approx([1.3 / 3, 1.8 / 3, 0.5]) and m["delta"] == pytest.approx(0.5 - 1.3 / 3)
     assert (m["improve_rate"], m["stagnation_rate"], m["degradation_rate"]) == pytest.approx((1 / 3,) * 3)
@@ -142,14 +142,17 @@ def test_unequal_lengths_by_hand():
     assert medium["count"] == 0 and medium["refine_steps_mean"] is None
     assert m["format_rate"] == 1.0 and m["format_rate_step"] == [1.0, 1.0, 1.0]
     with pytest.raises(ValueError, match="same, non-zero number of steps"):
-        metrics_from_ious(ious, adaptive=False)
+        metrics_from_ious(ious)  # without stopping, unequal lengths are an error as before
 
 
 def test_fixed_length_keys_unchanged_and_allow_stop_adds_the_adaptive_keys():
     fixed = metrics_from_ious([[0.2, 0.4], [0.6, 0.5]])
     assert "refine_steps_mean" not in fixed and "by_steps_used" not in fixed
     on = metrics_from_ious([[0.2, 0.4], [0.6, 0.5]], adaptive=True)
-    assert on["refine_steps_mean"] == 1.0 and {k: on[k] for k in fixed} == fixed
+    assert on["refine_steps_mean"] == 1.0 and {k: on[k] for k in fixed if k != "strata"} == {
+        k: v for k, v in fixed.items() if k != "strata"}
+    for name, stratum in fixed["strata"].items():  # the strata only gain the steps-used keys
+        assert {k: on["strata"][name][k] for k in stratum} == stratum
 
 
 def test_compute_metrics_on_stopped_trajectories():

@@ -72,3 +72,23 @@ def test_cli_with_teacher_stopping_and_a_missing_proposal(tmp_path):
     bad, _ = _proposals(tmp_path, 3, skip=(1,))
     with pytest.raises(ProposalError, match="proposals.jsonl: no proposal for sample id"):
         main(["--policy", "oracle", "--limit", "3", "--proposals", str(bad), "--no-progress"])
+
+
+def test_refining_proposals_on_the_refcocog_layout(tmp_path):
+    """The real-data path: a RefCOCOg folder in its upstream refer layout (test fixture), proposals by the loader's
+    sample ids (a box shifted off each GT, as another model's answers), the scripted teacher refines and stops."""
+    from tests.ivt_env.datasets.fixtures import write_refcocog_refer
+
+    root = write_refcocog_refer(str(tmp_path / "data"))
+    ds = gym.make("IVT-RefCOCOg-v0", data_root=root, split="val").unwrapped.dataset
+    lines = []
+    for i in range(len(ds)):
+        s = ds[i]
+        x1, y1, x2, y2 = s.gt_box
+        lines.append(json.dumps({"sample_id": s.sample_id, "box": [x1 + 2, y1 + 1, x2 + 2, y2 + 1]}))
+    path = _write(tmp_path / "refcocog_proposals.jsonl", lines)
+    m = evaluate("teacher", "IVT-RefCOCOg-v0", split="val", steps=2, proposals=str(path), data_root=root,
+                 env_kwargs={"allow_stop": True}, num_strips=0)
+    assert m["n"] == len(ds) and m["proposals"]["n"] == len(ds)
+    assert m["proposals"]["refined"]["miou"] >= m["proposals"]["proposal"]["miou"] - 1e-9
+    assert 1.0 <= m["refine_steps_mean"] <= 2.0  # refinement starts at step 1; the teacher stops once it fits

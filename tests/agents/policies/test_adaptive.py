@@ -82,7 +82,7 @@ def test_bc_loss_on_trajectories_of_different_lengths(policy):
     from agents.policies.scripted import InterpolatingTeacher
 
     env_fn = lambda: gym.make("IVT-Synthetic-Adaptive-v0", split="val")  # noqa: E731
-    trajs = collect_groups(env_fn, InterpolatingTeacher(), range(8), keep_observations=True)
+    trajs = collect_groups(env_fn, InterpolatingTeacher(stop_iou=0.4), range(8), keep_observations=True)
     lengths = [len(t.steps) for t in trajs]
     assert len(set(lengths)) > 1, lengths
     loss, n = policy.bc_loss(trajs)
