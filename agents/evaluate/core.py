@@ -11,6 +11,10 @@ stagnation_rate degradation_rate format_rate n strata best_step by_dataset`` plu
 trajectory: every step's overlay side by side with its IoU) and TensorBoard events (``eval/...`` scalars and the
 strips as images; ``tensorboard --logdir DIR``).
 
+Adaptive refinement: ``--allow-stop`` lets a step end its episode with ``<stop>`` (metrics.json adds
+``refine_steps_mean``, ``by_steps_used`` and per-stratum steps); ``--proposals FILE.jsonl`` starts every trajectory
+from another model's box (:mod:`agents.evaluate.proposals`; metrics.json adds ``proposals``).
+
 From code, :func:`evaluate` takes a policy object and returns the metrics dict (BC and GRPO call it on the val
 split, logging to their own writer with a prefix and global step).
 """

@@ -59,9 +59,11 @@ class PromptConfig:
     """auto | norm1000 | abs_pixels: the coordinate convention of the model's own text."""
     stop_box_requires_think: bool = True
     """Stop at a box's closing ']' only after '</think>' has been written."""
-    stop_hint: str = "When your box is right, write <stop> before it: that ends your answer."
+    stop_hint: str = ""
     """Adaptive refinement: appended to the step-0 question (after a space) only when the env allows stopping
-    (``info["allow_stop"]``, trajectories with ``meta["allow_stop"]``); the question is unchanged otherwise."""
+    (``info["allow_stop"]``, trajectories with ``meta["allow_stop"]``); the question is unchanged otherwise.
+    configs/prompts.yaml sets one; empty here, so a checkpoint saved before the field existed (its prompts.yaml
+    lacks it) sees exactly the question it was trained on."""
 
     def __post_init__(self) -> None:
         for key in ("{image}", "{instruction}"):
