@@ -13,6 +13,10 @@ id                     dataset      note
 ``IVT-Mix-v0``         mix          the paper's balanced 1:1:1 benchmark
 =====================  ===========  =============================================================
 
+Adaptive refinement: ``IVT-Synthetic-Adaptive-v0`` is ``IVT-Synthetic-v0`` with ``allow_stop=True`` (a step
+whose text holds ``<stop>`` ends the episode; T = ``max_refine_steps`` stays the budget). Any id takes
+``allow_stop``, ``stop_marker``, ``step_cost`` and ``reset(options={"start_box": [x1, y1, x2, y2]})``.
+
 Multi-object grounding (SIFThinker's extension of the loop; :data:`MULTI_ENV_DATASETS`):
 ``IVT-SyntheticMulti-v0`` (dataset ``synthetic_multi``): expressions naming one to three objects, a step answers a
 list of boxes, scored with HIoU (``ivt_env.boxes.hiou``); reward ``hiou`` by default; depth maps on request
@@ -38,12 +42,13 @@ ENV_DATASETS = {
     "IVT-RefAdv-v0": "refadv",
     "IVT-RefL4-v0": "refl4",
     "IVT-Mix-v0": "mix",
+    "IVT-Synthetic-Adaptive-v0": "synthetic",
 }
 
 MULTI_ENV_DATASETS = {
     "IVT-SyntheticMulti-v0": "synthetic_multi",
 }
-ENV_DEFAULTS = {"IVT-SyntheticMulti-v0": {"reward_fn": "hiou"}}  # gym.make keyword arguments override them
+ENV_DEFAULTS = {"IVT-SyntheticMulti-v0": {"reward_fn": "hiou"}, "IVT-Synthetic-Adaptive-v0": {"allow_stop": True}}  # gym.make keyword arguments override them
 
 from ivt_env.make import load_env_dataset, make_env  # noqa: E402  (after ENV_DATASETS, which it reads)
 
@@ -52,7 +57,7 @@ for _env_id, _dataset in ENV_DATASETS.items():
         register(
             id=_env_id,
             entry_point="ivt_env.env:GroundingRefineEnv",
-            kwargs={"dataset": _dataset, "split": "train", "max_refine_steps": 2},
+            kwargs={"dataset": _dataset, "split": "train", "max_refine_steps": 2, **ENV_DEFAULTS.get(_env_id, {})},
         )
 for _env_id, _dataset in MULTI_ENV_DATASETS.items():
     if _env_id not in registry:

@@ -14,7 +14,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 NORM_MAX = 1000
 
@@ -264,3 +264,19 @@ def hiou(pred_boxes: Sequence[Sequence[float]], gt_boxes: Sequence[Sequence[floa
     box against one box it equals :func:`iou`. Boxes ``xyxy`` in any common unit; an empty set gives 0.
     """
     return 0.5 * (union_iou(pred_boxes, gt_boxes) + pairwise_iou(pred_boxes, gt_boxes))
+
+
+def clip_pixel_box(box: Any, width: int, height: int, what: str = "box") -> tuple[float, float, float, float]:
+    """``box`` (4 pixel numbers ``[x1, y1, x2, y2]``, e.g. another model's proposal) clipped to the image; a
+    one-line ValueError naming ``what`` when it is not 4 finite numbers or is empty inside the image."""
+    try:
+        v = [float(c) for c in box]
+    except (TypeError, ValueError):
+        v = []
+    if len(v) != 4 or not all(math.isfinite(c) for c in v):
+        raise ValueError(f"{what} must be 4 finite pixel numbers [x1, y1, x2, y2], got {box!r}")
+    x1, x2 = (min(max(c, 0.0), float(width)) for c in (v[0], v[2]))
+    y1, y2 = (min(max(c, 0.0), float(height)) for c in (v[1], v[3]))
+    if not (x2 > x1 and y2 > y1):
+        raise ValueError(f"{what} {list(box)!r} is empty inside the {width}x{height} image")
+    return (x1, y1, x2, y2)

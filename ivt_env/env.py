@@ -8,7 +8,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from ivt_env.boxes import BOX_CHOICES, NORM_MAX, hiou, iou, parse_box, to_norm, to_pixels
+from ivt_env.boxes import BOX_CHOICES, NORM_MAX, clip_pixel_box, hiou, iou, parse_box, to_norm, to_pixels
 from ivt_env.datasets.base import MAX_EXPRESSION_CHARS, DatasetError, GroundingDataset, Sample
 from ivt_env.multibox import parse_boxes
 from ivt_env.rendering import Overlay, OverlayStyle
@@ -51,14 +51,25 @@ class GroundingRefineEnv(gym.Env):
     ``reward_fn(ious, valids, *, step, max_steps)``, plus ``boxes=`` (each step's [0, 1000] box) for a reward that
     names that parameter (see :mod:`ivt_env.rewards`). Default IVT Eq. 3: 0 at
     intermediate steps and ``IoU(final box, GT) + 0.1 * (fraction of steps with a valid box)`` at the last step.
+    The last step is the step that ends the episode: with stopping, a stop at step t calls the reward with
+    ``step = max_steps = t``, so rewards see the steps actually taken. ``step_cost`` c > 0 subtracts c from the
+    reward of every refinement step (t >= 1; a start box's step 0 is no refinement either).
 
     ## Starting State
     ``reset(seed=...)`` draws a sample uniformly with the env's RNG; ``options={"index": i}`` or
     ``options={"sample_id": s}`` picks one. The first observation is the original image without overlay.
+    ``options={"start_box": [x1, y1, x2, y2]}`` (pixels, e.g. another model's proposal; clipped to the image):
+    that box IS step 0's prediction (recorded in ``ious`` / ``valids`` / ``boxes_norm`` as step 0, reward 0,
+    reported by the reset's info with ``step`` 0 and ``start_box`` True, plus ``start_image``: the original image,
+    for a policy that re-reads the step-0 prompt); the first observation already shows it as the overlay
+    (``step`` 1) and the policy starts refining. Needs ``max_refine_steps >= 1``.
 
     ## Episode End
-    After T + 1 actions (step 0 plus T refinements) the episode terminates (``terminated=True``); it never truncates.
-    Call ``reset`` before stepping again.
+    After T + 1 steps (step 0 plus T refinements) the episode terminates (``terminated=True``); it never truncates.
+    With ``allow_stop=True`` a step whose text contains ``stop_marker`` ends the episode after that step
+    (``terminated=True``; T stays the budget): its box is final, and a stopping step without a parseable box
+    keeps the previous valid box (its IoU; ``valid`` True, ``box_carried`` True). Call ``reset`` before stepping
+    again.
 
     ## Info
     ``sample_id, dataset, source`` (the sample's origin, e.g. within ``mix``), ``index, gt_box`` (xyxy pixels),
@@ -66,6 +77,8 @@ class GroundingRefineEnv(gym.Env):
     ``box`` (pixels or None), ``box_norm``, ``valid``, ``reason`` (why the box is invalid, else None), ``iou``,
     ``ious``, ``valids`` and ``boxes_norm`` (all steps so far; ``None`` for a step without a valid box); after
     ``step`` also ``action_truncated`` (the text was over 16,384 characters and only its tail was read).
+    ``steps_used``: refinement steps taken so far (step 0 is not one; T at the end of a fixed-length episode);
+    ``stopped`` (the step carried the stop marker; always False without ``allow_stop``) and ``allow_stop``.
     Multi-box episodes add ``multi`` (True), ``gt_boxes`` (every GT box, pixels), ``boxes`` / ``step_boxes_norm``
     (every box of this step in pixels / [0, 1000], ``[]`` when invalid), ``depths`` (the depth written with each
     box, ``None`` where none), ``gt_depths`` (when the dataset gives them), ``depth_ok`` (whether every written depth
@@ -98,6 +111,9 @@ class GroundingRefineEnv(gym.Env):
       ``max_image_size`` attribute or scans its samples' sizes.
     - ``answer_box``: which box of a step's text counts, ``"last"`` (default) or ``"first"``.
     - ``multi_box``: ``None`` (auto, see "Several boxes"), ``True`` or ``False``.
+    - ``allow_stop``: a step may end the episode early with ``stop_marker`` (default False: always T + 1 steps).
+    - ``stop_marker``: the text that stops an episode (default ``"<stop>"``).
+    - ``step_cost``: reward subtracted per refinement step (default 0; also :class:`ivt_env.wrappers.StepCost`).
     - ``depth_observation``: add the observation key ``depth`` (:class:`ivt_env.depth.DepthSpace`, float32
       ``(H, W)``, larger = farther) from ``sample.meta["load_depth"]``; every sample must have one.
 
@@ -121,6 +137,9 @@ class GroundingRefineEnv(gym.Env):
         answer_box: str = "last",
         multi_box: Optional[bool] = None,
         depth_observation: bool = False,
+        allow_stop: bool = False,
+        stop_marker: str = "<stop>",
+        step_cost: float = 0.0,
     ):
         if answer_box not in BOX_CHOICES:
             raise ValueError(f"answer_box must be one of {BOX_CHOICES}, got {answer_box!r}")
@@ -129,6 +148,11 @@ class GroundingRefineEnv(gym.Env):
             raise ValueError(f"render_mode must be None or one of {self.metadata['render_modes']}, got {render_mode!r}")
         if not isinstance(max_refine_steps, (int, np.integer)) or max_refine_steps < 0:
             raise ValueError(f"max_refine_steps must be an int >= 0, got {max_refine_steps!r}")
+        if not isinstance(stop_marker, str) or not stop_marker.strip():
+            raise ValueError(f"stop_marker must be a non-empty string, got {stop_marker!r}")
+        if not isinstance(step_cost, (int, float, np.number)) or not np.isfinite(step_cost) or step_cost < 0:
+            raise ValueError(f"step_cost must be a finite number >= 0, got {step_cost!r}")
+        self.allow_stop, self.stop_marker, self.step_cost = bool(allow_stop), stop_marker, float(step_cost)
         self.render_mode = render_mode
         self.max_refine_steps = int(max_refine_steps)
         self.reward_fn = get_reward(reward_fn)
@@ -160,6 +184,7 @@ class GroundingRefineEnv(gym.Env):
         self._ids: Optional[dict[str, int]] = None
         self._sample: Optional[Sample] = None
         self._t = -1  # index of the next step; -1 before the first reset
+        self._stopped = False  # the running episode ended with the stop marker
 
     # ------------------------------------------------------------------ gymnasium API
     def reset(self, *, seed: Optional[int] = None, options: Optional[Mapping[str, Any]] = None):
@@ -186,16 +211,40 @@ class GroundingRefineEnv(gym.Env):
         self._boxes: list[Optional[tuple]] = []  # [0, 1000] box of each step, None when invalid
         self._reset_multi(sample)
         self._t = 0
+        self._stopped = False
+        start = (options or {}).get("start_box")
+        if start is not None:
+            return self._reset_from_box(start, image)
         self._frame = image.copy()  # a new array: the caller may write into observations
         obs = self._observation(None)
         return obs, self._info(-1, None, None, False, None, 0.0)
+
+    def _reset_from_box(self, start: Any, image: np.ndarray):
+        """``reset(options={"start_box": ...})``: the box becomes step 0's prediction (see "Starting State")."""
+        s = self._sample
+        if self._multi:
+            raise ValueError("reset option start_box: not supported in multi-box episodes")
+        if self.max_refine_steps < 1:
+            raise ValueError("reset option start_box needs max_refine_steps >= 1 (the box is step 0)")
+        box_px = clip_pixel_box(start, s.width, s.height, "reset option start_box")
+        box_norm = to_norm(box_px, s.width, s.height)
+        score = iou(box_px, self._gt)
+        self._ious.append(score)
+        self._valids.append(True)
+        self._boxes.append(tuple(box_norm))
+        self._depth_oks.append(None)
+        self._t = 1
+        self._frame = self._overlay.draw(box_px)
+        info = self._info(0, box_px, box_norm, True, None, score)
+        info.update(start_box=True, start_image=image)
+        return self._observation(box_norm), info
 
     def step(self, action: str):
         if self._sample is None:
             raise RuntimeError("call reset() before step()")
         T = self.max_refine_steps
-        if self._t > T:
-            raise RuntimeError(f"the episode ended after {T + 1} steps: call reset() before step()")
+        if self._t > T or self._stopped:
+            raise RuntimeError(f"the episode ended after {self._t} steps: call reset() before step()")
         t = self._t
         sample = self._sample
         truncated = isinstance(action, str) and len(action) > MAX_ACTION_CHARS
@@ -208,21 +257,34 @@ class GroundingRefineEnv(gym.Env):
             box_norm = parsed.box
             box_px = to_pixels(box_norm, sample.width, sample.height) if box_norm is not None else None
             score = iou(box_px, self._gt) if box_px is not None else 0.0
+        stop = self.allow_stop and isinstance(action, str) and self.stop_marker in action
+        carried = stop and box_px is None and not self._multi and self._last_valid() is not None
+        if carried:  # a stop without a box: the previous valid box is final
+            box_norm = self._last_valid()
+            box_px = to_pixels(box_norm, sample.width, sample.height)
+            score = iou(box_px, self._gt)
+        self._stopped = stop
         self._ious.append(score)
         self._valids.append(box_px is not None)
         self._boxes.append(self._step_box(box_norm) if box_px is not None else None)
         self._depth_oks.append(self._extra["depth_ok"])
-        reward = call_reward(self.reward_fn, self._reward_extras, self._ious, self._valids, step=t, max_steps=T,
-                             boxes=self._boxes, depth_oks=self._depth_oks)
+        last = stop or t == T
+        reward = call_reward(self.reward_fn, self._reward_extras, self._ious, self._valids, step=t,
+                             max_steps=t if stop else T, boxes=self._boxes, depth_oks=self._depth_oks)
+        if t >= 1 and self.step_cost:
+            reward -= self.step_cost
         self._t = t + 1
         if self._multi:
             self._frame = self._overlay.draw_many(boxes_px)
         else:
             self._frame = self._overlay.draw(box_px)  # None draws nothing: a plain copy of the original
         obs = self._observation(box_norm)
-        info = self._info(t, box_px, box_norm, box_px is not None, parsed.reason, score)
+        info = self._info(t, box_px, box_norm, box_px is not None, None if carried else parsed.reason, score)
         info["action_truncated"] = truncated
-        return obs, reward, t == T, False, info
+        info["stopped"] = stop
+        if carried:
+            info["box_carried"] = True
+        return obs, reward, last, False, info
 
     def render(self) -> Optional[np.ndarray]:
         if self.render_mode != "rgb_array":
@@ -239,9 +301,9 @@ class GroundingRefineEnv(gym.Env):
 
     def _pick_index(self, options: Mapping[str, Any]) -> int:
         n = len(self.dataset)
-        unknown = set(options) - {"index", "sample_id"}
+        unknown = set(options) - {"index", "sample_id", "start_box"}
         if unknown:
-            raise ValueError(f"unknown reset options {sorted(unknown)}: use 'index' or 'sample_id'")
+            raise ValueError(f"unknown reset options {sorted(unknown)}: use 'index', 'sample_id' or 'start_box'")
         if "index" in options and "sample_id" in options:
             raise ValueError("reset options: give 'index' or 'sample_id', not both")
         if "index" in options:
@@ -302,6 +364,10 @@ class GroundingRefineEnv(gym.Env):
         first_norm = boxes_norm[0] if boxes_norm else None
         return parsed, first_norm, (boxes_px[0] if boxes_px else None), score, boxes_px
 
+    def _last_valid(self) -> Optional[tuple]:
+        """The [0, 1000] box of the last step with a valid box (None if none)."""
+        return next((b for b in reversed(self._boxes) if b is not None), None)
+
     def _step_box(self, box_norm) -> tuple:
         """The step's entry of ``boxes_norm`` (the rewards' ``boxes``): its box; in a multi-box episode its first
         box, or the whole image when one of its boxes covers it (SIFThinker's B_ini then skips the step)."""
@@ -344,6 +410,8 @@ class GroundingRefineEnv(gym.Env):
             "ious": list(self._ious),
             "valids": list(self._valids),
             "boxes_norm": list(self._boxes),
+            "steps_used": max(0, len(self._ious) - 1),
+            "allow_stop": self.allow_stop,
             **(self._extra if self._multi else {}),  # single-box episodes keep exactly the keys above
         }
 

@@ -1,5 +1,7 @@
 """Wrappers for :class:`ivt_env.env.GroundingRefineEnv`: reward shaping and per-episode IoU records.
 
+A per-refinement-step cost for adaptive refinement: :class:`StepCost` (or the env's ``step_cost=``).
+
 Reward shaping two ways (same numbers, pick whichever fits the code around it):
 
 - as the env's reward: ``gym.make("IVT-Synthetic-v0", reward_fn="shaped")`` (replaces Eq. 3);
@@ -60,6 +62,38 @@ class ShapedRewardWrapper(gym.Wrapper):
 
     def __repr__(self) -> str:
         return f"<ShapedRewardWrapper{self.env} shaping={reward_name(self.shaping)} scale={self.scale}>"
+
+
+class StepCost(gym.RewardWrapper):
+    """Adaptive refinement: ``cost`` off the reward of every refinement step (``info["step"] >= 1``; step 0 is the
+    answer itself), so a policy that may stop (``allow_stop=True``) pays for each step it takes. The same numbers as
+    the env's own ``step_cost=cost``; a ``RewardWrapper`` whose ``reward`` also reads the step index of the last
+    ``step`` (the base class passes only the reward).
+
+    >>> import ivt_env
+    >>> env = StepCost(gym.make("IVT-Synthetic-Adaptive-v0", max_refine_steps=2), cost=0.05)
+    >>> _ = env.reset(seed=0)
+    >>> env.step("[0, 0, 10, 10]")[1]                  # step 0: no cost (IVT Eq. 3 pays 0 before the end)
+    0.0
+    >>> _, r, terminated, _, info = env.step("<stop> [0, 0, 1000, 1000]")
+    >>> terminated, info["steps_used"], round(r - (info["iou"] + 0.1 * 2 / 2), 6)   # Eq. 3 at the stop, - 0.05
+    (True, 1, -0.05)
+    """
+
+    def __init__(self, env: gym.Env, cost: float = 0.01):
+        super().__init__(env)
+        if not isinstance(cost, (int, float)) or cost != cost or cost < 0:
+            raise ValueError(f"StepCost: cost must be a number >= 0, got {cost!r}")
+        self.cost = float(cost)
+        self._refining = False
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        self._refining = int(info.get("step", 0)) >= 1
+        return obs, self.reward(reward), terminated, truncated, info
+
+    def reward(self, reward: float) -> float:
+        return float(reward) - (self.cost if self._refining else 0.0)
 
 
 class RecordStepIoUs(gym.Wrapper):

@@ -4,7 +4,7 @@ Work is the list of (sample, group member) pairs in order (sample-major: the N m
 It is cut into batches of B = number of env slots; each batch resets its slots to their samples
 (``options={"index": i}``), then calls ``policy.act`` ONCE per step for all running trajectories of the batch
 (across trajectories and samples) and steps every env with its text. An IVT episode always has T+1 steps, so a
-batch runs exactly T+1 policy calls of size B.
+batch runs exactly T+1 policy calls of size B (at most T+1 with stopping: see below).
 
 Env sources: a gymnasium ``VectorEnv`` (``gymnasium.make_vec``; B = ``num_envs``), a list of envs (B = its
 length), a single env (B = 1), an env id or an env factory (B = ``num_envs``, default ``4 * group_size``).
@@ -14,6 +14,13 @@ Before a policy sees ``infos[i]`` the collector adds ``group_member`` (0..N-1), 
 (T, when the env exposes ``max_refine_steps``). Each :class:`~rollouts.types.Step` gets the policy's text and token
 fields, the env's parsed box / validity / IoU / reward and, with ``keep_observations=True``, the observation image
 the policy saw at that step.
+
+Adaptive refinement: an env with ``allow_stop`` ends a trajectory early (``terminated``); the trajectory leaves the
+batch and the next ``act`` call sees only the running ones (fewer steps, trajectories of different lengths);
+``meta["allow_stop"]`` is then True. ``reset_options`` (``{sample index: options}``, e.g. ``{"start_box": [...]}``)
+are merged into each reset of that sample; a reset that reports step 0 itself (``info["start_box"]``: the env took
+the given box as step 0's prediction) is recorded as step 0, with the box as its text, ``extra["start_box"]`` True
+and reward 0, and the policy's first call is at step 1 with that output in its history.
 
 Bad records met at reset: a sample whose reset raises :class:`~ivt_env.datasets.base.DatasetError` (an image that
 cannot be decoded, an expression over the env's limit: what the loader's checks could not catch) is SKIPPED with its
@@ -109,11 +116,12 @@ class _ListSlots:
         self.n = len(self.envs)
         self.max_steps = getattr(self.envs[0].unwrapped, "max_refine_steps", None)
 
-    def reset(self, items: list[tuple[int, int]], seeds: list[Optional[int]]) -> tuple[list, list]:
+    def reset(self, items: list[tuple[int, int]], seeds: list[Optional[int]],
+              extra: Optional[dict] = None) -> tuple[list, list]:
         obs, infos = [], []
         for slot, (index, _) in enumerate(items):
             try:
-                o, info = self.envs[slot].reset(seed=seeds[slot], options={"index": index})
+                o, info = self.envs[slot].reset(seed=seeds[slot], options={"index": index, **(extra or {}).get(index, {})})
             except DatasetError as e:
                 _after_failed_reset(self.envs[slot])
                 raise _ResetFailed(index, e) from e
@@ -151,13 +159,15 @@ class _VectorSlots:
         except Exception:  # noqa: BLE001 - an env without the attribute simply gives no T to the policy
             self.max_steps = None
 
-    def reset(self, items: list[tuple[int, int]], seeds: list[Optional[int]]) -> tuple[list, list]:
+    def reset(self, items: list[tuple[int, int]], seeds: list[Optional[int]],
+              extra: Optional[dict] = None) -> tuple[list, list]:
         indices = [items[s][0] if s < len(items) else items[0][0] for s in range(self.n)]
+        extra = extra or {}
         infos: list = [None] * self.n
         if self.vec not in _RESET_VECTOR_ENVS:
             # masked resets need every slot to hold an observation already: one full reset first
             try:
-                obs, info = self.vec.reset(seed=list(seeds), options={"index": indices[0]})
+                obs, info = self.vec.reset(seed=list(seeds), options={"index": indices[0], **extra.get(indices[0], {})})
             except DatasetError as e:
                 raise _ResetFailed(indices[0], e) from e
             _RESET_VECTOR_ENVS.add(self.vec)
@@ -168,7 +178,7 @@ class _VectorSlots:
             mask = np.array([s in todo and indices[s] == index for s in range(self.n)], dtype=np.bool_)
             try:
                 obs, info = self.vec.reset(seed=[seeds[s] if mask[s] else None for s in range(self.n)],
-                                           options={"index": index, "reset_mask": mask})
+                                           options={"index": index, "reset_mask": mask, **extra.get(index, {})})
             except DatasetError as e:
                 raise _ResetFailed(index, e) from e
             for s in np.flatnonzero(mask):
@@ -257,8 +267,11 @@ class Collector:
         seed: Optional[int] = None,
         keep_observations: bool = False,
         progress: bool = False,
+        reset_options: Optional[dict[int, dict]] = None,
     ) -> list[Trajectory]:
-        """N = ``group_size`` trajectories for each sample index, in order (group k = sample_indices[k])."""
+        """N = ``group_size`` trajectories for each sample index, in order (group k = sample_indices[k]);
+        ``reset_options[index]``: extra reset options of that sample (see the module docstring)."""
+        self._reset_options = dict(reset_options or {})
         if group_size < 1:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         sampling = sampling or SamplingParams()
@@ -314,7 +327,7 @@ class Collector:
         return info
 
     def _run_batch(self, policy, batch, sampling, seeds, keep_obs) -> list[Trajectory]:
-        obs, infos = self.slots.reset([(idx, j) for idx, j, _ in batch], seeds)
+        obs, infos = self.slots.reset([(idx, j) for idx, j, _ in batch], seeds, getattr(self, "_reset_options", None))
         n = len(batch)
         trajs = []
         for s, (idx, j, k) in enumerate(batch):
@@ -322,12 +335,17 @@ class Collector:
             meta = {"index": idx, "group_member": j, "source": info.get("source")}
             if info.get("multi"):  # a multi-box episode: every GT box (pixels) for count errors and HIoU
                 meta["gt_boxes"] = [list(b) for b in info["gt_boxes"]]
+            if info.get("allow_stop"):
+                meta["allow_stop"] = True
             trajs.append(Trajectory(sample_id=str(info["sample_id"]), dataset=str(info.get("dataset", "")),
                                     expression=str(obs[s]["expression"]), gt_box=_list_or_none(info["gt_box"]),
                                     width=int(info["width"]), height=int(info["height"]), group_id=k, meta=meta))
         cur_obs = obs[:n]
         cur_infos = [self._annotate(infos[s], batch[s]) for s in range(n)]
         histories: list[list[PolicyOutput]] = [[] for _ in range(n)]
+        for s in range(n):
+            if cur_infos[s].get("start_box"):  # the env took a given box as step 0 (reset option start_box)
+                self._record_start(trajs[s], histories[s], cur_infos[s], cur_obs[s], keep_obs)
         active = list(range(n))
         while active:
             outs = policy.act([cur_obs[s] for s in active], [histories[s] for s in active],
@@ -356,6 +374,17 @@ class Collector:
             active = still
         return trajs
 
+    @staticmethod
+    def _record_start(traj: Trajectory, history: list, info: dict, obs: dict, keep_obs: bool) -> None:
+        from ivt_env.boxes import format_box
+
+        out = PolicyOutput(text=format_box(info["box_norm"]), extra={"start_box": True})
+        traj.steps.append(Step(t=0, text=out.text, valid=True, iou=float(info["iou"]), reward=0.0,
+                               box_norm=_list_or_none(info["box_norm"]), box=_list_or_none(info["box"]),
+                               observation=info.get("start_image") if keep_obs else None, extra={"start_box": True}))
+        traj.meta["start_box"] = _list_or_none(info["box"])
+        history.append(out)
+
     def local_env(self) -> Optional[gym.Env]:
         """One env of this process (to re-render a sample), or None when the envs live in worker processes."""
         return self.slots.local_env()
@@ -380,10 +409,12 @@ def collect_groups(
     progress: bool = False,
     num_envs: Optional[int] = None,
     env_kwargs: Optional[dict] = None,
+    reset_options: Optional[dict[int, dict]] = None,
 ) -> list[Trajectory]:
     """One-shot collection (see the module docstring); envs built here from an id/factory are closed after."""
     collector = Collector(env_fn_or_vector_env, num_envs=num_envs, env_kwargs=env_kwargs)
     try:
-        return collector.collect(policy, sample_indices, group_size, sampling, seed, keep_observations, progress)
+        return collector.collect(policy, sample_indices, group_size, sampling, seed, keep_observations, progress,
+                                 reset_options=reset_options)
     finally:
         collector.close()

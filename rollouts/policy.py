@@ -1,7 +1,9 @@
 """The policy contract the collector calls: observations in, one step text per observation out.
 
 Anything implementing :class:`Policy` can be rolled out, evaluated, cloned and trained. Collection calls
-``act`` once per step for a whole batch of trajectories that advance in lock-step (all episodes have T+1 steps).
+``act`` once per step for a whole batch of trajectories that advance in lock-step (all episodes have T+1 steps;
+with adaptive refinement an episode that stopped leaves the batch, so a later call sees fewer observations, and
+an episode from a given start box begins at step 1 with that box as its step-0 history).
 ``histories[i]`` holds the :class:`PolicyOutput` s trajectory ``i`` produced so far (empty at step 0), so a
 policy can continue a prefix (the VLM policy keeps its KV cache; scripted policies read their previous box).
 

@@ -1,6 +1,7 @@
 """Trajectory dataclasses: what collection produces and every learner consumes.
 
-A trajectory is one episode of T+1 steps (step 0 plus T refinements). Token-level data is optional (scripted
+A trajectory is one episode of T+1 steps (step 0 plus T refinements; fewer when the env allows stopping and the
+policy stopped: ``len(steps) - 1`` refinement steps were used). Token-level data is optional (scripted
 policies have none). Token layout of a VLM trajectory (token-in / token-out, never re-tokenised):
 
     steps[0].injected_ids + steps[0].token_ids + steps[1].injected_ids + steps[1].token_ids + ...

@@ -11,6 +11,10 @@ stagnation_rate degradation_rate format_rate n strata best_step by_dataset`` plu
 trajectory: every step's overlay side by side with its IoU) and TensorBoard events (``eval/...`` scalars and the
 strips as images; ``tensorboard --logdir DIR``).
 
+Adaptive refinement: ``--allow-stop`` lets a step end its episode with ``<stop>`` (metrics.json adds
+``refine_steps_mean``, ``by_steps_used`` and per-stratum steps); ``--proposals FILE.jsonl`` starts every trajectory
+from another model's box (:mod:`agents.evaluate.proposals`; metrics.json adds ``proposals``).
+
 From code, :func:`evaluate` takes a policy object and returns the metrics dict (BC and GRPO call it on the val
 split, logging to their own writer with a prefix and global step).
 """
@@ -74,8 +78,13 @@ def evaluate(
     save_images: bool = False,
     progress: bool = False,
     name: Optional[str] = None,
+    proposals: Union[str, Path, dict, None] = None,
 ) -> dict[str, Any]:
     """Roll ``policy`` out on the first ``limit`` samples of ``split`` and return the IVT metrics dict.
+
+    ``proposals``: a JSONL file (or its loaded ``{sample_id: box}`` dict) of start boxes, one per evaluated sample
+    (:mod:`agents.evaluate.proposals`): every trajectory starts from its sample's box as step 0, and the metrics add
+    ``proposals`` (Table 1 of the proposals next to the refined boxes).
 
     ``env``: an env id (built with ``split``, ``max_refine_steps=steps``, ``data_root``, ``env_kwargs``), an env
     factory, an env / list of envs / vector env (already configured; ``split``/``steps`` are then theirs) or a
@@ -101,14 +110,28 @@ def evaluate(
         n = n_data if limit is None else (limit if n_data is None else min(limit, n_data))
         if n <= 0:
             raise ValueError(f"evaluate: nothing to evaluate (limit={limit}, dataset size {n_data})")
+        reset_options = None
+        if proposals is not None:
+            from agents.evaluate.proposals import load_proposals, reset_options_for
+
+            src = "proposals" if isinstance(proposals, dict) else str(proposals)
+            table = proposals if isinstance(proposals, dict) else load_proposals(proposals)
+            if first is None:
+                raise ValueError("evaluate: proposals need envs of this process (not an async vector env)")
+            ids = first.unwrapped.dataset.sample_ids
+            reset_options = reset_options_for(table, [ids[i] for i in range(n)], src)
         t0 = time.perf_counter()
         trajs = collector.collect(policy, range(n), group_size, sampling, seed=seed,
-                                  keep_observations=save_images, progress=progress)
+                                  keep_observations=save_images, progress=progress, reset_options=reset_options)
         elapsed = time.perf_counter() - t0
         skipped = list(collector.last_skipped)  # bad records met at reset: logged by the collector, listed in meta
         if not trajs:
             raise DatasetError(f"evaluate: every sample failed at reset, e.g. {skipped[0]}")
         metrics = compute_metrics(trajs)
+        if proposals is not None:
+            from agents.evaluate.proposals import proposal_block
+
+            metrics["proposals"] = proposal_block(trajs)
         strips = []
         for traj in trajs[: max(0, num_strips)]:
             image = traj.steps[0].observation if save_images else None
@@ -127,7 +150,14 @@ def evaluate(
             "steps": metrics["steps"], "limit": limit, "group_size": group_size, "seed": seed,
             "sampling": dataclasses.asdict(sampling), "seconds": elapsed, "trajectories_per_s": len(trajs) / elapsed,
             "skipped_samples": skipped}
+    if proposals is not None:
+        meta["proposals"] = "dict" if isinstance(proposals, dict) else str(proposals)
     report = format_report(metrics, name=name)
+    if "proposals" in metrics:
+        p = metrics["proposals"]
+        report += (f"\nProposals (step 0) -> refined (final): Acc@0.5 {p['proposal']['acc@0.5']:.3f} -> "
+                   f"{p['refined']['acc@0.5']:.3f}, IoU {p['proposal']['miou']:.3f} -> {p['refined']['miou']:.3f}; "
+                   f"IoU raised {100 * p['raised_rate']:.1f}%, lowered {100 * p['lowered_rate']:.1f}% of samples.\n")
     own_logger = None
     if out_dir is not None:
         out = Path(out_dir)
@@ -212,6 +242,12 @@ class EvalConfig:
     """Show a progress bar."""
     name: Optional[str] = None
     """Row label in the tables (None: the model's name with --model, e.g. my_run/best, else the policy name)."""
+    allow_stop: bool = False
+    """Adaptive refinement: a step writing the stop marker (<stop>) ends its episode; --steps stays the budget
+    (the same as --env-kwargs '{"allow_stop": true}')."""
+    proposals: Optional[str] = None
+    """JSONL of start boxes, one {"sample_id": ..., "box": [x1, y1, x2, y2]} (pixels) per line: every trajectory
+    starts from its sample's box (step 0) and the report shows how refinement changes them."""
 
 
 def _json_arg(text: str, flag: str) -> dict:
@@ -241,13 +277,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
         kwargs.setdefault("model", resolve_model_dir(cfg.model, "--model"))  # before any work: a clear error
         label = model_label(cfg.model)
+    proposals = None
+    if cfg.proposals is not None:
+        from agents.evaluate.proposals import load_proposals
+
+        load_proposals(cfg.proposals)  # a bad file fails here, before the model loads
+        proposals = cfg.proposals
     policy = make_policy(policy_name, **kwargs)
     sampling = SamplingParams.from_config(cfg, greedy=cfg.greedy)
+    env_kwargs = _json_arg(cfg.env_kwargs, "--env-kwargs")
+    if cfg.allow_stop:
+        env_kwargs["allow_stop"] = True
     result = evaluate(policy, cfg.env, split=cfg.split, limit=cfg.limit, steps=cfg.steps, sampling=sampling,
                       out_dir=cfg.out, group_size=cfg.group_size, seed=cfg.seed, data_root=cfg.data_root,
-                      env_kwargs=_json_arg(cfg.env_kwargs, "--env-kwargs"), num_envs=cfg.num_envs,
-                      num_strips=cfg.strips, save_images=cfg.save_images, progress=cfg.progress,
-                      name=cfg.name or label)
+                      env_kwargs=env_kwargs, num_envs=cfg.num_envs, num_strips=cfg.strips,
+                      save_images=cfg.save_images, progress=cfg.progress, name=cfg.name or label,
+                      proposals=proposals)
     print(result["report"])
     if cfg.out:
         print(f"wrote {Path(cfg.out) / 'metrics.json'}, metrics.md, trajectories.jsonl, strips/ and TensorBoard events")

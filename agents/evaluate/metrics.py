@@ -20,6 +20,17 @@ best-over-steps selection can produce; the headline numbers here use the final b
 
 All rates are fractions in [0, 1]; means over an empty stratum are ``None`` (JSON ``null``).
 
+Adaptive refinement (episodes that stop early have different lengths; :func:`compute_metrics` turns it on when a
+trajectory has ``meta["allow_stop"]``, :func:`metrics_from_ious` with ``adaptive=True``): the FINAL box is each
+trajectory's last step. Table 2's
+``iou_step[t]`` CARRIES THE LAST BOX FORWARD: a trajectory that stopped at step k < t counts with its step-k IoU at
+step t (so ``iou_step[T]`` is the mean final IoU and ``delta`` is final minus step 0 over all trajectories, as
+in the fixed-T table); ``iou_step_reached[t]`` / ``reached_step[t]`` are the mean IoU over, and the number of,
+trajectories that actually took step t. ``steps`` is then the longest episode's refinement steps. Added keys:
+``refine_steps_mean`` (refinement steps taken, step 0 not counted; also per stratum, with ``stop_at_0_rate``,
+the share of the stratum that stopped at step 0) and ``by_steps_used`` ({k: n, share, acc@0.5, miou}: accuracy
+against steps used). ``format_rate`` is over the steps taken; ``format_rate_step[t]`` over those that took step t.
+
 Multi-object grounding (``IVT-SyntheticMulti-v0``): the env's per-step score of a multi-box episode is the HIoU of
 the step's boxes with the GT boxes (``ivt_env.boxes.hiou``), so every number above (Acc@k, mean, per step, strata)
 is on HIoU there. :func:`compute_metrics` then adds ``counts`` (:func:`count_metrics`): how often the final step
@@ -79,8 +90,10 @@ def metrics_from_ious(
     returns: Optional[Sequence[float]] = None,
     thresholds: Sequence[float] = ACC_THRESHOLDS,
     eps: float = OUTCOME_EPS,
+    adaptive: bool = False,
 ) -> dict[str, Any]:
-    """The metric table from per-trajectory step IoUs (``ious[i][t]``; all trajectories must have T+1 steps).
+    """The metric table from per-trajectory step IoUs (``ious[i][t]``; all trajectories must have T+1 steps unless
+    ``adaptive``: see the module docstring; :func:`compute_metrics` turns it on for trajectories of a stopping env).
 
     ``valids[i][t]`` marks parseable steps (invalid steps count as IoU 0); ``datasets[i]`` adds a per-dataset
     Table-1 breakdown (``by_dataset``); ``returns[i]`` adds the mean return.
@@ -88,19 +101,26 @@ def metrics_from_ious(
     if len(ious) == 0:
         raise ValueError("compute_metrics: no trajectories to score")
     lengths = {len(r) for r in ious}
-    if len(lengths) != 1 or 0 in lengths:
-        first_bad = next(i for i, r in enumerate(ious) if len(r) != len(ious[0]) or len(r) == 0)
+    if 0 in lengths:
+        empty = next(i for i, r in enumerate(ious) if not len(r))
+        raise ValueError(f"compute_metrics: trajectory {empty} has no steps")
+    if len(lengths) != 1 and not adaptive:
+        first_bad = next(i for i, r in enumerate(ious) if len(r) != len(ious[0]))
         raise ValueError(
             f"compute_metrics: every trajectory needs the same, non-zero number of steps; trajectory 0 has "
-            f"{len(ious[0])}, trajectory {first_bad} has {len(ious[first_bad])}"
+            f"{len(ious[0])}, trajectory {first_bad} has {len(ious[first_bad])} (adaptive=True for stopped episodes)"
         )
-    iou = np.asarray(ious, dtype=np.float64)  # (n, T+1)
+    used = np.asarray([len(r) for r in ious])  # steps taken, step 0 included
+    width = int(used.max())
+    taken = np.arange(width)[None, :] < used[:, None]  # (n, S) True where the step was taken
+    if valids is not None and [len(v) for v in valids] != used.tolist():
+        raise ValueError("compute_metrics: valids do not have the ious' step counts")
+    # carry the last step forward (IoU and validity) so that every row has S entries
+    iou = np.asarray([list(r) + [r[-1]] * (width - len(r)) for r in ious], dtype=np.float64)  # (n, S)
     if valids is None:
         valid = np.ones_like(iou, dtype=bool)
     else:
-        valid = np.asarray(valids, dtype=bool)
-        if valid.shape != iou.shape:
-            raise ValueError(f"compute_metrics: valids shape {valid.shape} does not match ious shape {iou.shape}")
+        valid = np.asarray([list(v) + [v[-1]] * (width - len(v)) for v in valids], dtype=bool)
     if not np.all(np.isfinite(iou)):
         bad = int(np.argwhere(~np.isfinite(iou))[0][0])
         raise ValueError(f"compute_metrics: trajectory {bad} has a non-finite IoU: {list(ious[bad])}")
@@ -113,8 +133,13 @@ def metrics_from_ious(
     m["iou_step"] = [float(v) for v in iou.mean(axis=0)]
     m["delta"] = m["iou_step"][-1] - m["iou_step"][0]
     m.update(_outcome_rates(first, final, eps))
-    m["format_rate"] = float(valid.mean())
-    m["format_rate_step"] = [float(v) for v in valid.mean(axis=0)]
+    if adaptive:
+        m["format_rate"] = float(valid[taken].mean())
+        m["format_rate_step"] = [float(valid[taken[:, t], t].mean()) for t in range(width)]
+        m.update(_adaptive_block(iou, taken, used - 1, thresholds))
+    else:
+        m["format_rate"] = float(valid.mean())
+        m["format_rate_step"] = [float(v) for v in valid.mean(axis=0)]
     m["best_step"] = _accuracy_block(iou.max(axis=1), thresholds)
     if returns is not None:
         m["return_mean"] = float(np.mean(np.asarray(returns, dtype=np.float64)))
@@ -127,6 +152,9 @@ def metrics_from_ious(
         s["miou_step0"], s["miou_final"] = _mean(first[sel]), _mean(final[sel])
         s["delta"] = None if k == 0 else s["miou_final"] - s["miou_step0"]
         s.update(_outcome_rates(first[sel], final[sel], eps))
+        if adaptive:
+            s["refine_steps_mean"] = _mean((used[sel] - 1).astype(float))
+            s["stop_at_0_rate"] = _mean((used[sel] == 1).astype(float))
         strata[name] = s
     m["strata"] = strata
 
@@ -140,6 +168,22 @@ def metrics_from_ious(
             by[name] = {"n": int(sel.sum()), **_accuracy_block(final[sel], thresholds)}
         m["by_dataset"] = by
     return m
+
+
+def _adaptive_block(iou: np.ndarray, taken: np.ndarray, refine: np.ndarray, thresholds) -> dict[str, Any]:
+    """Adaptive-refinement keys (module docstring): ``iou`` (n, S) with the last step carried forward, ``taken``
+    (n, S) the steps actually taken, ``refine`` (n,) refinement steps used."""
+    final = iou[:, -1]
+    out: dict[str, Any] = {"refine_steps_mean": float(refine.mean())}
+    out["reached_step"] = [int(taken[:, t].sum()) for t in range(iou.shape[1])]
+    out["iou_step_reached"] = [_mean(iou[taken[:, t], t]) for t in range(iou.shape[1])]
+    by: dict[str, dict[str, Any]] = {}
+    for k in sorted(set(refine.tolist())):
+        sel = refine == k
+        by[str(int(k))] = {"n": int(sel.sum()), "share": float(sel.mean()),
+                           **_accuracy_block(final[sel], thresholds[:1])}
+    out["by_steps_used"] = by
+    return out
 
 
 def _num_boxes(step: Any) -> int:
@@ -187,6 +231,8 @@ def compute_metrics(trajectories: Iterable[Any], **kwargs: Any) -> dict[str, Any
 
 
 def _compute(trajs: list, **kwargs: Any) -> dict[str, Any]:
+    if "adaptive" not in kwargs:  # the trajectories of a stopping env (the collector marks them): adaptive keys
+        kwargs["adaptive"] = any(isinstance(t.meta, dict) and t.meta.get("allow_stop") for t in trajs)
     return metrics_from_ious(
         [trajectory_ious(t) for t in trajs],
         [[bool(s.valid) for s in t.steps] for t in trajs],

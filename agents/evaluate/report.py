@@ -88,6 +88,21 @@ def counts_table(c: Mapping[str, Any]) -> str:
     return table + f"\n\nToo few / too many boxes per step (%): {per}."
 
 
+def adaptive_section(m: Mapping[str, Any]) -> str:
+    """Adaptive refinement (episodes of different lengths): steps used, accuracy against steps used, per stratum.
+    Table 2 above carries a stopped trajectory's last box forward (agents.evaluate.metrics)."""
+    rows = [[k, str(v["n"]), _pct(v["share"]), _f3(v["acc@0.5"]), _f3(v["miou"])]
+            for k, v in m["by_steps_used"].items()]
+    strata = "; ".join(f"{_STRATUM_LABEL.get(k, k)}: {_f3(s.get('refine_steps_mean'))} steps, stop at step 0 "
+                       f"{_pct(s.get('stop_at_0_rate'))}%" for k, s in m["strata"].items())
+    reached = ", ".join(f"{n} ({_f3(v)})" for n, v in zip(m["reached_step"], m["iou_step_reached"]))
+    return "\n".join([
+        "## Adaptive refinement: steps used", "",
+        f"Refinement steps used: mean {m['refine_steps_mean']:.3f} (of at most {m['steps']}). Trajectories that "
+        f"took each step (their mean IoU there): {reached}. Table 2 carries a stopped trajectory's last box forward.",
+        "", _table(["Refinement steps used", "n", "Share %", "Acc@0.5", "IoU"], rows), "", f"Per stratum: {strata}."])
+
+
 def format_report(m: Mapping[str, Any], name: str = "policy", title: Optional[str] = None) -> str:
     """All tables of one evaluation as Markdown (also readable as plain text on a terminal)."""
     parts = [f"# {title}" if title else f"# Evaluation: {name}", ""]
@@ -105,6 +120,8 @@ def format_report(m: Mapping[str, Any], name: str = "policy", title: Optional[st
     ]
     if "return_mean" in m:
         parts += [f"Mean return: {m['return_mean']:.4f}."]
+    if "refine_steps_mean" in m:
+        parts += ["", adaptive_section(m)]
     if len(m.get("by_dataset", {})) > 1:
         parts += ["", "## Per dataset (final box)", "", dataset_table(m)]
     if m.get("counts"):

@@ -24,14 +24,20 @@ from agents.grpo.advantages import compute_step_advantages
 
 def step_scores(groups: Sequence[Sequence[Any]], score: str = "iou") -> torch.Tensor:
     """(G, N, S) float64 per-step scores: ``iou`` = the step's IoU with the GT box (0 for an invalid box), or
-    ``reward`` = the env's step reward. Every trajectory must have S steps (IVT episodes always have T + 1)."""
-    S = {len(t.steps) for g in groups for t in g}
-    if len(S) != 1:
-        raise ValueError(f"per-step advantages need episodes of equal length, got step counts {sorted(S)}")
+    ``reward`` = the env's step reward. S = the longest episode's step count (IVT episodes always have T + 1).
+
+    Adaptive refinement (episodes that stopped early have fewer steps): a shorter trajectory is padded with its
+    LAST score, i.e. a stopped episode keeps its final box for the steps it did not take (IoU: the same IoU;
+    reward: the same reward). The padded entries have no tokens, so :func:`token_advantages` credits nothing to
+    them; they only enter the per-step group statistics as "this member's box stayed". Equal lengths: unchanged."""
     if score not in ("iou", "reward"):
         raise ValueError(f"step score must be iou|reward, got {score!r}")
-    return torch.tensor([[[float(getattr(s, score)) for s in t.steps] for t in g] for g in groups],
-                        dtype=torch.float64)
+    rows = [[[float(getattr(s, score)) for s in t.steps] for t in g] for g in groups]
+    lengths = {len(r) for g in rows for r in g}
+    if 0 in lengths:
+        raise ValueError("per-step advantages: a trajectory has no steps")
+    S = max(lengths) if lengths else 0
+    return torch.tensor([[r + [r[-1]] * (S - len(r)) for r in g] for g in rows], dtype=torch.float64)
 
 
 def token_advantages(trajs: Sequence[Any], step_adv: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

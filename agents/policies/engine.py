@@ -2,7 +2,9 @@
 
 One :class:`RolloutEngine` batch holds B trajectories (the N of a group and several groups). Per refinement step
 the injected chunk (overlay image + instruction) is appended to the SAME KV cache and generation continues; the
-prefix is never re-encoded. The step-0 prompt of a group is encoded once and its cache is expanded along the batch.
+prefix is never re-encoded. Rows that end their episode (adaptive refinement: the env stopped them) leave the batch
+before the next step (:meth:`RolloutEngine.keep`: their cache rows are dropped, so no forward spends compute on
+them). The step-0 prompt of a group is encoded once and its cache is expanded along the batch.
 Branching groups (GRPO ``branch_size``): rows given one ``share`` key get ONE sampled step-0 answer, generated once,
 then the cache is forked along the batch (:meth:`RolloutEngine.fork`) and each row refines on its own.
 
@@ -112,7 +114,7 @@ class RolloutEngine:
     @torch.no_grad()
     def start(self, images: Sequence[np.ndarray], expressions: Sequence[str], temperature: float, max_new_tokens: int,
               stop_at_box: bool = True, stop_at_eos: bool = True,
-              share: Optional[Sequence[Any]] = None) -> list[StepResult]:
+              share: Optional[Sequence[Any]] = None, allow_stop: bool = False) -> list[StepResult]:
         """Begin a new batch: step 0 for each (image, expression). Identical prompts are encoded once.
 
         ``temperature`` <= 0 is greedy. A row stops after ``max_new_tokens``, at an end-of-turn id (unless
@@ -120,7 +122,8 @@ class RolloutEngine:
 
         ``share`` (branching groups): one hashable key per row; rows with equal keys (which must have the same
         prompt) get ONE sampled step-0 answer: it is generated once for the first such row, then the KV cache,
-        mask and row state are forked along the batch (:meth:`fork`), so the shared prefix is computed once."""
+        mask and row state are forked along the batch (:meth:`fork`), so the shared prefix is computed once.
+        ``allow_stop``: the step-0 question says the model may stop (``PromptConfig.stop_hint``)."""
         if share is not None and len(set(share)) < len(share):
             if len(share) != len(images):
                 raise ValueError(f"RolloutEngine.start: {len(share)} share keys for {len(images)} rows")
@@ -131,7 +134,7 @@ class RolloutEngine:
                     raise ValueError(f"RolloutEngine.start: rows {first[k]} and {i} share step 0 but not the prompt")
             reps = list(first.values())  # representative rows, in order
             res = self.start([images[i] for i in reps], [expressions[i] for i in reps], temperature,
-                             max_new_tokens, stop_at_box, stop_at_eos)
+                             max_new_tokens, stop_at_box, stop_at_eos, allow_stop=allow_stop)
             slot = {k: j for j, k in enumerate(first)}
             index = [slot[k] for k in share]
             self.fork(index)
@@ -146,7 +149,7 @@ class RolloutEngine:
             if k not in slot:
                 slot[k] = len(firsts)
                 firsts.append(i)
-        chunks = [self.layout.first_chunk(images[i], expressions[i]) for i in firsts]
+        chunks = [self.layout.first_chunk(images[i], expressions[i], allow_stop) for i in firsts]
         self.rows = [_Row() for _ in firsts]
         self._append_chunks(chunks)
         # Expand the shared prompts along the batch: row i reads unique prompt index[i].
@@ -171,6 +174,35 @@ class RolloutEngine:
         chunks = [self.layout.refine_chunk(im) for im in images]
         self._append_chunks(chunks)
         return self._generate(chunks, temperature, max_new_tokens, stop_at_box, stop_at_eos)
+
+    @torch.no_grad()
+    def start_given(self, images: Sequence[np.ndarray], expressions: Sequence[str], texts: Sequence[str],
+                    allow_stop: bool = False) -> list[StepResult]:
+        """Begin a batch whose step-0 answers are GIVEN (reset option ``start_box``: another model's proposal): the
+        prompt is encoded, each text's ids become the row's step 0 (no log-probs: nothing was sampled, ``stop`` is
+        ``"given"``) and the next :meth:`refine` appends them with the overlay, as for a generated answer."""
+        self.reset()
+        if not (len(images) == len(expressions) == len(texts)) or not images:
+            raise ValueError(f"RolloutEngine.start_given: {len(images)} images, {len(expressions)} expressions and "
+                             f"{len(texts)} texts")
+        chunks = [self.layout.first_chunk(im, ex, allow_stop) for im, ex in zip(images, expressions)]
+        self.rows = [_Row() for _ in chunks]
+        self._append_chunks(chunks)
+        self.next_logits = None
+        out = []
+        for row, chunk, text in zip(self.rows, chunks, texts):
+            ids = list(self.layout.text_ids(text))
+            row.pending = ids
+            res = StepResult(list(chunk.ids), ids, [], "given", chunk, 1.0)
+            row.steps.append(res)
+            out.append(res)
+        return out
+
+    def keep(self, index: Sequence[int]) -> None:
+        """Between steps: only rows ``index`` (in that order) continue; the others (finished episodes) leave the
+        batch with their cache rows, so later forwards run on ``len(index)`` rows."""
+        if list(index) != list(range(len(self.rows))):
+            self.fork(index)
 
     def fork(self, index: Sequence[int]) -> None:
         """Between steps: new row r continues old row ``index[r]`` (cache rows, attention mask, positions, pending

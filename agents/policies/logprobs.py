@@ -66,7 +66,8 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
     pixels, grids, keys = [], [], []
     injected_ends = []
     for t, (st, image) in enumerate(zip(traj.steps, images)):
-        chunk = layout.first_chunk(image, traj.expression) if t == 0 else layout.refine_chunk(image)
+        stop = bool((traj.meta or {}).get("allow_stop"))  # the step-0 question says the model may stop
+        chunk = layout.first_chunk(image, traj.expression, stop) if t == 0 else layout.refine_chunk(image)
         injected = chunk.ids
         if st.injected_ids is not None:
             injected = list(st.injected_ids)
@@ -84,7 +85,8 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
                              f"tokens {sorted(bad)} (text {st.text[:80]!r}); they may only be injected")
         injected_ends.append(len(ids) + len(injected))
         ids += injected + gen
-        labels += [IGNORE] * len(injected) + gen
+        given = bool((st.extra or {}).get("start_box"))  # a given start box (reset option start_box): context only
+        labels += [IGNORE] * len(injected) + ([IGNORE] * len(gen) if given else gen)
         steps += [t] * (len(injected) + len(gen))
         temps.append(float(getattr(st, "temperature", None) or 1.0))  # None (teacher text, old data): T = 1
         pixels.append(chunk.pixel_values)
@@ -102,6 +104,17 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
         image_keys=keys,
         injected_ends=injected_ends,
     )
+
+
+def mask_targets(encoded: Sequence[EncodedTrajectory], *, clone_start: bool = True, last_step_only: bool = False) -> None:
+    """Behaviour-cloning targets, in place: ``clone_start=False`` makes step 0 of a multi-step sequence context
+    (labels -100); ``last_step_only`` keeps only each sequence's last step as a target (GRPO teacher guidance)."""
+    for e in encoded:
+        last = int(e.step_index.max())
+        if not clone_start and last > 0:
+            e.labels[e.step_index == 0] = IGNORE
+        if last_step_only:
+            e.labels[e.step_index < last] = IGNORE
 
 
 class NumberSmoothing:

@@ -26,7 +26,14 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from rollouts.policy import Policy, PolicyOutput, SamplingParams
 from ivt_env.boxes import NORM_MAX, iou, parse_box
-from agents.teacher.geometric import format_step, geometric_reasoning, interpolate_boxes, region_name
+from agents.teacher.geometric import (
+    FIT_IOU,
+    format_step,
+    geometric_reasoning,
+    interpolate_boxes,
+    region_name,
+    stop_reasoning,
+)
 
 Box = Sequence[float]
 PolicySpec = Union[Policy, str, None]
@@ -248,6 +255,11 @@ class InterpolatingTeacher(ScriptedPolicy):
     perturbed by a random shift (up to ``max_shift`` of each side) and per-side scale (up to ``max_scale``),
     redrawn until its IoU with the GT is at most ``max_start_iou`` (default 0.85, the paper's SFT filter: there is
     always room to improve). T is ``steps`` or else ``infos[i]["max_steps"]`` (the collector adds it).
+
+    Adaptive refinement: in an env that allows stopping (``info["allow_stop"]``) the first step whose box fits the
+    GT (IoU >= ``stop_iou``, the geometric teacher's FIT_IOU by default) says why and writes ``stop_marker`` before
+    its box (``"<think>... Now it fits.</think> <stop> [x1, y1, x2, y2]"``), which ends the episode. An episode that
+    starts from a given box (reset option ``start_box``) interpolates from that box.
     """
 
     name = "teacher"
@@ -263,8 +275,11 @@ class InterpolatingTeacher(ScriptedPolicy):
         max_start_iou: float = 0.85,
         verbosity: int = 0,
         seed: Optional[int] = 0,
+        stop_iou: float = FIT_IOU,
+        stop_marker: str = "<stop>",
     ):
         super().__init__(seed)
+        self.stop_iou, self.stop_marker = float(stop_iou), str(stop_marker)
         if not 0.0 < max_start_iou <= 1.0:
             raise ValueError(f"InterpolatingTeacher: max_start_iou must be in (0, 1], got {max_start_iou}")
         self.steps, self.verbosity = steps, verbosity
@@ -322,6 +337,10 @@ class InterpolatingTeacher(ScriptedPolicy):
                     start = self.perturbed_start(gt, rng)
                 plan = interpolate_boxes(start, valid_int_box(gt), self._horizon(info))
                 prev = None
+            elif histories[i] and (histories[i][0].extra or {}).get("start_box"):  # from a given box (reset option)
+                given = parse_box(histories[i][0].text)
+                plan = interpolate_boxes(valid_int_box(given.box), valid_int_box(gt), self._horizon(info))
+                prev = plan[t - 1]
             else:
                 if not histories[i] or "plan" not in histories[i][0].extra:
                     raise ValueError(f"InterpolatingTeacher: step {t} of sample {info.get('sample_id')} has no plan in "
@@ -330,7 +349,11 @@ class InterpolatingTeacher(ScriptedPolicy):
                 prev = plan[t - 1]
             box = plan[min(t, len(plan) - 1)]
             reasoning = geometric_reasoning(prev, box, gt, t, str(obs.get("expression", "")), rng, self.verbosity)
-            out.append(PolicyOutput(text=format_step(reasoning, box), extra={"plan": plan} if t == 0 else {}))
+            stop = bool(info.get("allow_stop")) and iou(box, gt) >= self.stop_iou
+            if stop:
+                reasoning = stop_reasoning(reasoning, t)
+            out.append(PolicyOutput(text=format_step(reasoning, box, self.stop_marker if stop else None),
+                                    extra={"plan": plan} if t == 0 else {}))
         return out
 
 

@@ -47,14 +47,8 @@ import torch
 from ivt_env.atomic import atomic_dir
 from agents.policies.base import BCLossOptions, PolicyOutput, SamplingParams, TokenLogprobs, TrainablePolicy
 from agents.policies.engine import LogitFilter, RolloutEngine
-from agents.policies.logprobs import (
-    IGNORE,
-    EncodedTrajectory,
-    ImageResolver,
-    NumberSmoothing,
-    encode_trajectory,
-    teacher_forced,
-)
+from agents.policies.logprobs import (IGNORE, EncodedTrajectory, ImageResolver, NumberSmoothing, encode_trajectory,
+                                      mask_targets, teacher_forced)
 from agents.policies.vision import linear_patch_embeddings
 from agents.policies.vlm_processor import load_processor
 from agents.policies.vlm_setup import (
@@ -96,6 +90,7 @@ class VLMPolicy(TrainablePolicy):
         self.reference = reference  # initial | base | none (see from_pretrained)
         self._smoothing: Optional[NumberSmoothing] = None  # bc_loss's soft number targets, built on first use
         self.ref_model = None
+        self._last: Optional[list] = None  # act()'s last outputs, one per engine row (see _keep_running)
         if full_finetune and reference != "none":  # frozen reference = the weights as loaded (e.g. the SFT model)
             self.ref_model = copy.deepcopy(self.hf_model).eval().requires_grad_(False)
         self.training = False
@@ -247,6 +242,7 @@ class VLMPolicy(TrainablePolicy):
                 raise ValueError(f"VLMPolicy.act: observation {i} is at step {t} but its history has {len(h)} steps")
         images = [o["image"] for o in observations]
         temp = sampling.temperature(t)
+        allow_stop = any(bool(i.get("allow_stop")) for i in infos)  # the env says the policy may stop
         with self.eval_mode():
             if t == 0:
                 share = None
@@ -254,8 +250,12 @@ class VLMPolicy(TrainablePolicy):
                     share = [(i.get("group_id"), int(i.get("group_member", k)) // sampling.branch)
                              for k, i in enumerate(infos)]
                 res = self.engine.start(images, [str(o["expression"]) for o in observations], temp,
-                                        sampling.max_new_tokens, sampling.stop_at_box, share=share)
+                                        sampling.max_new_tokens, sampling.stop_at_box, share=share,
+                                        allow_stop=allow_stop)
             else:
+                if t == 1 and all(h and (h[0].extra or {}).get("start_box") for h in histories):
+                    self._start_given(observations, histories, infos, allow_stop)
+                self._keep_running(histories)
                 self._check_continues(histories)
                 res = self.engine.refine(images, temp, sampling.max_new_tokens, sampling.stop_at_box)
         outs = []
@@ -268,7 +268,33 @@ class VLMPolicy(TrainablePolicy):
             outs.append(PolicyOutput(text=text, token_ids=list(r.token_ids), logprobs=list(r.logprobs),
                                      injected_ids=list(r.injected_ids), extra=extra,
                                      temperature=r.temperature))
+        self._last = outs  # the last output of each engine row, in row order (rows that stop are found by it)
         return outs
+
+    def _start_given(self, observations, histories, infos, allow_stop: bool) -> None:
+        """Episodes that start from a given box (reset option ``start_box``): the engine encodes the step-0 prompt
+        on the original image (``info["start_image"]``) with the given box as step 0's answer."""
+        if any(i.get("start_image") is None for i in infos):
+            raise ValueError("VLMPolicy.act: episodes from a start box need info['start_image'] (the env's reset info)")
+        if self.layout.abs_boxes:
+            raise ValueError("VLMPolicy.act: start boxes are not supported for absolute-pixel models (Qwen2.5-VL)")
+        self.engine.start_given([i["start_image"] for i in infos], [str(o["expression"]) for o in observations],
+                                [h[0].text for h in histories], allow_stop)
+        self._last = [h[-1] for h in histories]
+
+    def _keep_running(self, histories: Sequence[Sequence[PolicyOutput]]) -> None:
+        """Fewer histories than engine rows: the missing rows' episodes ended (the env stopped them); they leave the
+        engine's batch, found by identity of each history's last output with what this policy returned."""
+        last = getattr(self, "_last", None)
+        if last is None or len(histories) >= len(self.engine.rows) or len(last) != len(self.engine.rows):
+            return
+        where = {id(o): r for r, o in enumerate(last)}
+        index = [where.get(id(h[-1])) for h in histories]
+        if any(r is None for r in index) or len(set(index)) != len(index):
+            raise ValueError(f"VLMPolicy.act: {len(histories)} histories do not continue rows of the engine's batch of "
+                             f"{len(self.engine.rows)} (their last outputs are not the ones this policy returned)")
+        self.engine.keep(index)
+        self._last = [last[r] for r in index]
 
     def _check_continues(self, histories: Sequence[Sequence[PolicyOutput]]) -> None:
         rows = self.engine.rows
@@ -351,13 +377,7 @@ class VLMPolicy(TrainablePolicy):
             encoded = [self.encode_trajectory(t) for t in trajectories]
         elif len(encoded) != len(trajectories):
             raise ValueError(f"bc_loss: {len(encoded)} encoded sequences for {len(trajectories)} trajectories")
-        if not options.clone_start:
-            for e in encoded:
-                if int(e.step_index.max()) > 0:
-                    e.labels[e.step_index == 0] = IGNORE
-        if options.last_step_only:
-            for e in encoded:
-                e.labels[e.step_index < int(e.step_index.max())] = IGNORE
+        mask_targets(encoded, clone_start=options.clone_start, last_step_only=options.last_step_only)
         smoothing = None
         if number_sigma > 0:
             if self._smoothing is None or self._smoothing.sigma != number_sigma:

@@ -62,6 +62,11 @@ class PromptConfig:
     """auto | norm1000 | abs_pixels: the coordinate convention of the model's own text."""
     stop_box_requires_think: bool = True
     """Stop at a box's closing ']' only after '</think>' has been written."""
+    stop_hint: str = ""
+    """Adaptive refinement: appended to the step-0 question (after a space) only when the env allows stopping
+    (``info["allow_stop"]``, trajectories with ``meta["allow_stop"]``); the question is unchanged otherwise.
+    configs/prompts.yaml sets one; empty here, so a checkpoint saved before the field existed (its prompts.yaml
+    lacks it) sees exactly the question it was trained on."""
 
     def __post_init__(self) -> None:
         for key in ("{image}", "{instruction}"):
@@ -206,13 +211,14 @@ class PromptLayout:
             self._cache = None
 
     # ------------------------------------------------------------------ texts
-    def question_text(self, expression: str) -> str:
+    def question_text(self, expression: str, allow_stop: bool = False) -> str:
         p = self.prompts
-        return p.question.format(expression=expression, box_hint=p.box_hint_abs if self.abs_boxes else p.box_hint_norm)
+        q = p.question.format(expression=expression, box_hint=p.box_hint_abs if self.abs_boxes else p.box_hint_norm)
+        return f"{q} {p.stop_hint}" if allow_stop and p.stop_hint else q
 
-    def first_text(self, expression: str) -> str:
+    def first_text(self, expression: str, allow_stop: bool = False) -> str:
         """Step-0 prompt through the opening of the assistant turn (the model's own chat template)."""
-        content = [{"type": "image"}, {"type": "text", "text": self.question_text(expression)}]
+        content = [{"type": "image"}, {"type": "text", "text": self.question_text(expression, allow_stop)}]
         messages = ([{"role": "system", "content": self.prompts.system}] if self.prompts.system else []) + [
             {"role": "user", "content": content}
         ]
@@ -285,8 +291,8 @@ class PromptLayout:
         hw = (int(grid[0, 1]) * self.patch_size, int(grid[0, 2]) * self.patch_size)
         return Chunk(ids, pixel_values, grid, hw), route
 
-    def first_chunk(self, image: np.ndarray, expression: str) -> Chunk:
-        return self.encode(self.first_text(expression), image)
+    def first_chunk(self, image: np.ndarray, expression: str, allow_stop: bool = False) -> Chunk:
+        return self.encode(self.first_text(expression, allow_stop), image)
 
     def refine_chunk(self, image: np.ndarray) -> Chunk:
         return self.encode(self.refine_text(), image)

@@ -109,7 +109,9 @@ def summarize(starts: Sequence[dict], trajs: Sequence[Trajectory], cfg: Synthesi
         "iou_range": [cfg.iou_min, cfg.iou_max],
         "start_iou_mean": mean([r["iou"] for r in starts if r["valid"]]),
         "kept_start_iou_mean": mean(kept_ious),
-        "step_iou_mean": [mean([s[t] for s in steps]) for t in range(cfg.steps + 1)] if steps else [],
+        # with stop: over the trajectories that reached step t (a stopped one has fewer steps)
+        "step_iou_mean": [mean([s[t] for s in steps if len(s) > t]) for t in range(cfg.steps + 1)] if steps else [],
+        **({"refine_steps_mean": mean([len(s) - 1 for s in steps])} if cfg.stop else {}),
         "teacher_format_rate": mean([float(s.valid) for t in trajs for s in t.steps]),
         **extra,
     }
@@ -126,7 +128,8 @@ def _check_resume(out: Path, cfg: SynthesizeConfig) -> None:
 
     old = yaml.safe_load(path.read_text()) or {}
     new = to_dict(cfg)
-    diff = sorted(k for k in new if k not in _RESUME_IGNORED and old.get(k) != new[k])
+    default = to_dict(SynthesizeConfig())  # a field newer than the folder (e.g. stop) counts as its default
+    diff = sorted(k for k in new if k not in _RESUME_IGNORED and old.get(k, default.get(k)) != new[k])
     if diff:
         raise SystemExit(
             f"{out} holds a synthesis made with other settings ({', '.join(diff)} differ); use another --out, "

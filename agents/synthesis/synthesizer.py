@@ -5,6 +5,7 @@ folder and resume) and on-the-fly behaviour cloning (``agents.bc.data.OnlineData
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -17,7 +18,7 @@ from agents.teacher.starts import (
     perturbed_gt_box,
     scripted_student_box,
 )
-from agents.teacher.geometric import hold_fitting_boxes, interpolate_boxes
+from agents.teacher.geometric import hold_fitting_boxes, interpolate_boxes, stop_plan
 from agents.teacher.multi import gt_boxes_norm, interpolate_box_sets, is_multi_sample, is_nested, multi_student_boxes
 from rollouts.types import Trajectory
 
@@ -64,6 +65,13 @@ class SynthesizeConfig:
     unchanged instead of moving on to the exact GT (agents.teacher.geometric.hold_fitting_boxes). IVT interpolates all
     the way; its filter iou_max 0.85 drops fitting starts anyway. Useful with iou_max > 0.85 for a student that
     should learn to leave a good box alone."""
+    stop: bool = False
+    """Adaptive refinement: trajectories stop at the first box that fits the GT (IoU >= stop_iou; the teacher says
+    why and writes stop_marker before the box), in an env with allow_stop, so they have 1..T+1 steps."""
+    stop_iou: float = 0.85
+    """stop=true: the IoU at which a box fits and the teacher stops (the geometric teacher's FIT_IOU)."""
+    stop_marker: str = "<stop>"
+    """stop=true: the env's stop marker."""
     teacher: str = "geometric"
     """Reasoning source: 'geometric' (offline, from the boxes) or 'vlm' (a teacher VLM sees each step's image)."""
     teacher_model: str = ""
@@ -109,8 +117,10 @@ def make_env(cfg: SynthesizeConfig, steps: int, dataset: Any = None):
     """The configured env with ``steps`` refinement steps; ``dataset`` (an object) is shared when given."""
     from ivt_env.make import make_env as env_thunk
 
+    stop = {"allow_stop": True, "stop_marker": cfg.stop_marker} if cfg.stop else {}
     return env_thunk(cfg.env, split=cfg.split, max_refine_steps=steps, data_root=cfg.data_root, dataset=dataset,
-                     dataset_kwargs=None if dataset is not None else dataset_kwargs(cfg), disable_env_checker=True)()
+                     dataset_kwargs=None if dataset is not None else dataset_kwargs(cfg), disable_env_checker=True,
+                     **stop)()
 
 
 def _rng_for(seed: int, sample_id: str) -> random.Random:
@@ -165,14 +175,17 @@ class Synthesizer:
             self.reasoner = VLMTeacher.from_config(cfg.teacher_model, cfg.teacher_prompts, cfg.teacher_max_new_tokens)
         self.fallbacks = 0
 
-    def _collector(self, steps: int) -> Any:
-        """A collector over ``batch_size`` envs with ``steps`` refinement steps, kept across calls."""
-        if steps not in self._collectors:
+    def _collector(self, steps: int, student: bool = False) -> Any:
+        """A collector over ``batch_size`` envs with ``steps`` refinement steps, kept across calls. ``student``: the
+        student's single pass, in an env without stopping (the student answers its usual prompt)."""
+        key = (steps, student)
+        if key not in self._collectors:
             from rollouts.collector import Collector
 
-            self._collectors[steps] = Collector([make_env(self.cfg, steps, self.dataset)
-                                                 for _ in range(max(1, self.cfg.batch_size))])
-        return self._collectors[steps]
+            cfg = self.cfg if not student else dataclasses.replace(self.cfg, stop=False)
+            self._collectors[key] = Collector([make_env(cfg, steps, self.dataset)
+                                               for _ in range(max(1, self.cfg.batch_size))])
+        return self._collectors[key]
 
     def close(self) -> None:
         for c in self._collectors.values():
@@ -188,7 +201,7 @@ class Synthesizer:
             from agents.policies.base import SamplingParams
 
             # T=0 envs: the student answers once
-            trajs = self._collector(0).collect(self.student, list(indices), 1, SamplingParams(greedy=cfg.student_greedy),
+            trajs = self._collector(0, student=True).collect(self.student, list(indices), 1, SamplingParams(greedy=cfg.student_greedy),
                                                seed=cfg.seed + (int(indices[0]) if len(indices) else 0))
             by_id = {t.sample_id: t for t in trajs}
             for i in indices:
@@ -255,7 +268,10 @@ class Synthesizer:
             plans[r["sample_id"]] = interpolate_boxes(r["box_norm"], gt, cfg.steps)
             if cfg.keep_fitting:
                 plans[r["sample_id"]] = hold_fitting_boxes(plans[r["sample_id"]], gt)
-        teacher = PlannedTeacher(plans, verbosity=cfg.verbosity, reasoner=self.reasoner, seed=cfg.seed)
+            if cfg.stop:
+                plans[r["sample_id"]] = stop_plan(plans[r["sample_id"]], gt, cfg.stop_iou)
+        teacher = PlannedTeacher(plans, verbosity=cfg.verbosity, reasoner=self.reasoner, seed=cfg.seed,
+                                 stop_marker=cfg.stop_marker if cfg.stop else None, stop_iou=cfg.stop_iou)
         trajs = self._collector(cfg.steps).collect(teacher, [r["index"] for r in kept], 1, SamplingParams(greedy=True),
                                                    seed=cfg.seed, keep_observations=keep_observations)
         self.fallbacks += teacher.fallbacks

@@ -83,6 +83,27 @@ def hold_fitting_boxes(boxes: Sequence[Box], gt_norm: Box) -> list[list[int]]:
     return out
 
 
+def stop_plan(boxes: Sequence[Box], gt_norm: Box, stop_iou: float = FIT_IOU) -> list[list[int]]:
+    """Adaptive refinement: ``boxes`` cut after the first one that fits the GT (IoU >= ``stop_iou``), where the
+    teacher stops (:func:`stop_reasoning`); unchanged when none fits (the budget ends the episode). A plan of
+    ``t + 1`` boxes stops at step ``t`` (0 = the start box already fits)."""
+    out = [list(b) for b in boxes]
+    for t, b in enumerate(out):
+        if iou(b, gt_norm) >= stop_iou:
+            return out[: t + 1]
+    return out
+
+
+def stop_reasoning(reasoning: str, step: int) -> str:
+    """The reasoning of a stopping step: why it stops, after what the step says (verbosity-independent, short on
+    purpose: every character of " Stop." would be its own token for the tiny tokenizer). Step 0: ``"... It
+    fits."``; a correction that reaches a fit: ``"... Now it fits."``; a red box that already fits: ``"Box
+    fits."`` (instead of "Keep it.": nothing is kept for later, the episode ends)."""
+    if reasoning.startswith("Box fits.") or "fits the target" in reasoning or "matches the target" in reasoning:
+        return reasoning.split(" Keep it.")[0].replace("Keep it.", "").strip() or "Box fits."
+    return f"{reasoning} {'It fits.' if step == 0 else 'Now it fits.'}"
+
+
 def region_name(box: Box) -> str:
     """Where the box centre lies on a 3 x 3 grid: ``"top left"``, ``"top"``, ..., ``"center"``, ``"bottom right"``."""
     cx = (box[0] + box[2]) / 2
@@ -253,8 +274,12 @@ def geometric_reasoning(
     return text if verbosity == 1 else f"I check the red box against {expr}. " + text
 
 
-def format_step(reasoning: str, box_norm: Box) -> str:
-    """One step's text: ``"<think>{reasoning}</think> [x1, y1, x2, y2]"`` (IVT Sec. 3.1 answer format)."""
+def format_step(reasoning: str, box_norm: Box, stop_marker: Optional[str] = None) -> str:
+    """One step's text: ``"<think>{reasoning}</think> [x1, y1, x2, y2]"`` (IVT Sec. 3.1 answer format); a stopping
+    step puts the marker between the reasoning and the box, ``"<think>...</think> <stop> [x1, y1, x2, y2]"``: the
+    box still closes the step (the rollout engine stops generating right after it) and is the final box."""
+    if stop_marker:
+        return f"<think>{reasoning}</think> {stop_marker} {format_box(box_norm)}"
     return f"<think>{reasoning}</think> {format_box(box_norm)}"
 
 

@@ -7,6 +7,11 @@ parsed text, as it does for any policy (IVT Sec. 3.2, forward-reasoning framing)
 :class:`PlannedTeacher` holds, per sample id, the planned boxes (``interpolate_boxes`` from the start box to the
 GT) and writes at step t ``"<think>{reasoning}</think> [box_t]"``. The reasoning comes from the offline geometric
 teacher, or from a ``reasoner`` (the VLM teacher of :mod:`agents.synthesis.vlm_reasoner`) that sees the step's observation.
+
+Adaptive refinement (``stop_marker``, for an env with ``allow_stop=True``): the step whose box fits the GT
+(IoU >= ``stop_iou``) says why and carries the marker (:func:`~agents.teacher.geometric.stop_reasoning`,
+:func:`~agents.teacher.geometric.format_step`), so the episode ends there; plans are usually cut there already
+(:func:`~agents.teacher.geometric.stop_plan`).
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ import random
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from rollouts.policy import Policy, PolicyOutput, SamplingParams
-from agents.teacher.geometric import format_step, geometric_reasoning
+from agents.teacher.geometric import FIT_IOU, format_step, geometric_reasoning, stop_reasoning
 from agents.teacher.multi import format_multi_step, is_nested, multi_reasoning
-from ivt_env.boxes import to_norm
+from ivt_env.boxes import iou, to_norm
 
 # reasoner(images, expressions, prev_boxes, new_boxes, gt_boxes, steps) -> one reasoning text per item ("" = none)
 Reasoner = Callable[[Sequence[Any], Sequence[str], Sequence[Optional[list]], Sequence[list], Sequence[list], Sequence[int]], list[str]]
@@ -36,8 +41,11 @@ class PlannedTeacher(Policy):
         verbosity: int = 0,
         reasoner: Optional[Reasoner] = None,
         seed: Optional[int] = 0,
+        stop_marker: Optional[str] = None,
+        stop_iou: float = FIT_IOU,
     ):
         self.plans = dict(plans)
+        self.stop_marker, self.stop_iou = stop_marker, float(stop_iou)
         self.verbosity = verbosity
         self.reasoner = reasoner
         self.rng = random.Random(seed)
@@ -84,5 +92,9 @@ class PlannedTeacher(Policy):
                 if self.reasoner is not None:
                     self.fallbacks += 1
                 text = geometric_reasoning(prev, new, gt, t, obs["expression"], self.rng, self.verbosity)
-            out.append(PolicyOutput(text=format_step(text, new), extra={"teacher": source}))
+            stop = bool(self.stop_marker) and iou(new, gt) >= self.stop_iou
+            if stop:
+                text = stop_reasoning(text, t)
+            out.append(PolicyOutput(text=format_step(text, new, self.stop_marker if stop else None),
+                                    extra={"teacher": source, **({"stop": True} if stop else {})}))
         return out

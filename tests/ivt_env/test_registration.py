@@ -29,8 +29,9 @@ def test_all_ids_registered():
     for env_id, name in ivt_env.ENV_DATASETS.items():
         spec = gym.spec(env_id)
         assert spec.entry_point == "ivt_env.env:GroundingRefineEnv"
-        assert spec.kwargs == {"dataset": name, "split": "train", "max_refine_steps": 2}
-    assert set(ivt_env.ENV_DATASETS) == {"IVT-Synthetic-v0", *REAL_IDS}
+        extra = {"allow_stop": True} if env_id == "IVT-Synthetic-Adaptive-v0" else {}
+        assert spec.kwargs == {"dataset": name, "split": "train", "max_refine_steps": 2, **extra}
+    assert set(ivt_env.ENV_DATASETS) == {"IVT-Synthetic-v0", "IVT-Synthetic-Adaptive-v0", *REAL_IDS}
 
 
 def test_make_with_module_prefix_without_import(data_root):
@@ -58,6 +59,13 @@ def _check(env):
 @pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_check_env_synthetic(split):
     _check(gym.make("IVT-Synthetic-v0", split=split, render_mode="rgb_array"))
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_check_env_adaptive(split):
+    env = gym.make("IVT-Synthetic-Adaptive-v0", split=split, render_mode="rgb_array")
+    assert env.unwrapped.allow_stop and env.unwrapped.stop_marker == "<stop>"
+    _check(env)
 
 
 @pytest.mark.parametrize("env_id", REAL_IDS)

@@ -121,3 +121,49 @@ def test_report(five):
     assert "| hand | 0.530 | 0.434 | 0.683 | +0.153 | 40.0 | 40.0 | 20.0 |" in text
     assert "| Hard (<0.5) | 2 | 40.0 | 0.150 | 0.755 | +0.605 | 100.0 | 0.0 | 0.0 |" in text
     assert "Valid format: 80.0% of all steps" in text
+
+
+# ------------------------------------------------------------------ adaptive refinement: episodes of different lengths
+def test_unequal_lengths_by_hand():
+    # A stopped at step 0, B at step 1, C used the whole budget T = 2. Carried forward: A [.8 .8 .8], B [.3 .6 .6].
+    ious = [[0.8], [0.3, 0.6], [0.2, 0.4, 0.1]]
+    m = metrics_from_ious(ious, adaptive=True)
+    assert m["steps"] == 2 and m["acc@0.5"] == pytest.approx(2 / 3) and m["miou"] == pytest.approx(0.5)
+    assert m["iou_step"] == pytest.approx([1.3 / 3, 1.8 / 3, 0.5]) and m["delta"] == pytest.approx(0.5 - 1.3 / 3)
+    assert (m["improve_rate"], m["stagnation_rate"], m["degradation_rate"]) == pytest.approx((1 / 3,) * 3)
+    assert m["refine_steps_mean"] == pytest.approx(1.0) and m["reached_step"] == [3, 2, 1]
+    assert m["iou_step_reached"] == pytest.approx([1.3 / 3, 0.5, 0.1])
+    assert m["by_steps_used"] == {"0": {"n": 1, "share": pytest.approx(1 / 3), "acc@0.5": 1.0, "miou": 0.8},
+                                  "1": {"n": 1, "share": pytest.approx(1 / 3), "acc@0.5": 1.0, "miou": 0.6},
+                                  "2": {"n": 1, "share": pytest.approx(1 / 3), "acc@0.5": 0.0, "miou": 0.1}}
+    easy, hard, medium = m["strata"]["easy"], m["strata"]["hard"], m["strata"]["medium"]
+    assert (easy["refine_steps_mean"], easy["stop_at_0_rate"]) == (0.0, 1.0)
+    assert (hard["refine_steps_mean"], hard["stop_at_0_rate"]) == (1.5, 0.0)
+    assert medium["count"] == 0 and medium["refine_steps_mean"] is None
+    assert m["format_rate"] == 1.0 and m["format_rate_step"] == [1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="same, non-zero number of steps"):
+        metrics_from_ious(ious)  # without stopping, unequal lengths are an error as before
+
+
+def test_fixed_length_keys_unchanged_and_allow_stop_adds_the_adaptive_keys():
+    fixed = metrics_from_ious([[0.2, 0.4], [0.6, 0.5]])
+    assert "refine_steps_mean" not in fixed and "by_steps_used" not in fixed
+    on = metrics_from_ious([[0.2, 0.4], [0.6, 0.5]], adaptive=True)
+    assert on["refine_steps_mean"] == 1.0 and {k: on[k] for k in fixed if k != "strata"} == {
+        k: v for k, v in fixed.items() if k != "strata"}
+    for name, stratum in fixed["strata"].items():  # the strata only gain the steps-used keys
+        assert {k: on["strata"][name][k] for k in stratum} == stratum
+
+
+def test_compute_metrics_on_stopped_trajectories():
+    from rollouts.types import Step, Trajectory
+
+    def traj(ious, valids, stop):
+        steps = [Step(t=k, text="", valid=v, iou=i) for k, (i, v) in enumerate(zip(ious, valids))]
+        return Trajectory("s", "d", "x", [0, 0, 1, 1], 1, 1, steps=steps, meta={"allow_stop": stop})
+
+    m = compute_metrics([traj([0.9], [True], True), traj([0.1, 0.0, 0.7], [True, False, True], True)])
+    # invalid step 1 of the second counts as IoU 0; format over the 4 steps taken: 3 / 4
+    assert m["refine_steps_mean"] == 1.0 and m["acc@0.5"] == 1.0 and m["format_rate"] == 0.75
+    assert m["format_rate_step"] == [1.0, 0.0, 1.0] and m["iou_step"] == pytest.approx([0.5, 0.45, 0.8])
+    assert "refine_steps_mean" in compute_metrics([traj([0.9, 0.8], [True, True], True)])

@@ -133,3 +133,29 @@ def test_step0_weight_scales_only_step_zero():
     assert torch.equal(got[:, 0], torch.zeros(3)) and torch.allclose(got[:, 1:], want[:, 1:])
     with pytest.raises(ValueError, match="step0_weight"):
         GRPOConfig(step0_weight=0.0, step_advantage="").validate()
+
+
+def _stopped(ious):
+    steps = [Step(t=k, text="", valid=True, iou=v, token_ids=[1], logprobs=[-1.0]) for k, v in enumerate(ious)]
+    return Trajectory(sample_id="s", dataset="d", expression="x", gt_box=[0, 0, 1, 1], width=1, height=1, steps=steps)
+
+
+def test_variable_length_step_scores_and_delta_advantages_by_hand():
+    # A stopped at step 1, B used T = 2, C stopped at step 0: padded with each one's LAST score
+    group = [_stopped([0.2, 0.6]), _stopped([0.4, 0.3, 0.5]), _stopped([0.9])]
+    scores = step_scores([group])
+    assert torch.equal(scores, torch.tensor([[[0.2, 0.6, 0.6], [0.4, 0.3, 0.5], [0.9, 0.9, 0.9]]], dtype=torch.float64))
+    # step_delta, returns R = final IoUs [0.6, 0.5, 0.9], sample std:
+    #   step 0: R - mean 2/3 = [-1/15, -1/6, 7/30], std sqrt(0.086667 / 2) = 0.208167 -> [-0.32026, -0.80064, 1.12090]
+    #   step 1: deltas [0.4, -0.1, 0] - 0.1 = [0.3, -0.2, -0.1], std sqrt(0.07) -> [1.13389, -0.75593, -0.37796]
+    #   step 2: deltas [0, 0.2, 0] - 1/15, std sqrt(0.013333) = 0.115470 -> [-0.57735, 1.15470, -0.57735]
+    adv = compute_step_advantages("step_delta", scores, returns=torch.tensor([[0.6, 0.5, 0.9]], dtype=torch.float64),
+                                  eps=0.0)
+    want = torch.tensor([[[-0.32026, 1.13389, -0.57735], [-0.80064, -0.75593, 1.15470], [1.12090, -0.37796, -0.57735]]],
+                        dtype=torch.float64)
+    assert torch.allclose(adv, want, atol=1e-5), adv
+    # per token: only the steps taken get credit (C's one token gets its step-0 advantage, nothing else)
+    tok = token_advantages(group, adv.reshape(3, 3), torch.zeros(3, 3))
+    assert torch.allclose(tok, want[0].float() * torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]]), atol=1e-5)
+    equal = [_stopped([0.1, 0.2, 0.3]), _stopped([0.4, 0.5, 0.6])]  # equal lengths: exactly as before
+    assert torch.equal(step_scores([equal]), torch.tensor([[[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]], dtype=torch.float64))

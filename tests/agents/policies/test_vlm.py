@@ -1,6 +1,7 @@
 """VLMPolicy end to end: env episodes, token-in/token-out trajectories, training sequences, log-probs, BC loss."""
 
 import copy
+import dataclasses
 
 import gymnasium as gym
 import numpy as np
@@ -185,8 +186,8 @@ def test_act_validates_histories(policy):
     obs1 = [dict(o, step=1) for o in obs]
     with pytest.raises(ValueError, match="other token ids"):
         policy.act(obs1, [[outs[1]], [outs[0]]], [{}, {}], sp)  # rows swapped
-    with pytest.raises(ValueError, match="do not continue"):
-        policy.act(obs1[:1], [[outs[0]]], [{}], sp)
+    with pytest.raises(ValueError, match="do not continue"):  # fewer rows (stopped episodes) must be the policy's own
+        policy.act(obs1[:1], [[dataclasses.replace(outs[0])]], [{}], sp)
     with pytest.raises(ValueError, match="lock-step"):
         policy.act([obs[0], obs1[1]], [[], [outs[1]]], [{}, {}], sp)
     assert len(policy.act(obs1, [[outs[0]], [outs[1]]], [{}, {}], sp)) == 2
