@@ -125,9 +125,6 @@ class BCConfig:
     (its own answer: harmless self-distillation). False: step 0 of a trajectory with refinement steps is context
     only (labels -100): with a scripted student it is a deliberately wrong box the model should not learn to give
     (single-step grounding samples still train their answer)."""
-    start_numbers: bool = True
-    """False: the number tokens (box coordinates) of step 0 are context, not targets, while the rest of step 0
-    trains (adaptive refinement on the model's own answers: learn the stop decision, keep its step-0 boxes)."""
     number_sigma: float = 0.0
     """> 0: a target that is a whole-number token (the tiny tokenizer's "0".."1000", i.e. a box coordinate) is
     trained towards a Gaussian of this width over the number tokens instead of a one-hot (a coordinate a few

@@ -57,8 +57,7 @@ def train(cfg: BCConfig) -> dict[str, Any]:
     run_dir, policy, params, data, optimizer, scheduler, state, log = _setup_run(cfg)
     total = total_steps(cfg, data)
     eval_every = cfg.eval_every or steps_per_epoch(cfg, data)  # 0 with online data: evaluate only at the end
-    loss_options = BCLossOptions(number_sigma=cfg.number_sigma, clone_start=cfg.clone_start,
-                                 start_numbers=cfg.start_numbers)
+    loss_options = BCLossOptions(number_sigma=cfg.number_sigma, clone_start=cfg.clone_start)
     evaluator = Validator(cfg)
 
     if state["step"] == 0 and cfg.eval_at_start:  # the start point of the curves

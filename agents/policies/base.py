@@ -23,9 +23,6 @@ class BCLossOptions:
     ignore it); 0: one-hot targets."""
     clone_start: bool = True
     """False: step 0 of trajectories with refinement steps is context, not a target (a scripted student wrote it)."""
-    start_numbers: bool = True
-    """False: the whole-number tokens of step 0 (its box) are context, its other tokens (reasoning, a stop marker)
-    still targets: a model cloned on its OWN step-0 answers learns when to stop without re-learning its boxes."""
     last_step_only: bool = False
     """True: only the LAST step of each trajectory is a target, earlier steps are context (GRPO's teacher guidance:
     the policy's own steps, then the teacher's answer to the state they reached)."""

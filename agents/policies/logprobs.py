@@ -106,20 +106,15 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
     )
 
 
-def mask_targets(encoded: Sequence[EncodedTrajectory], *, clone_start: bool = True, last_step_only: bool = False,
-                 start_context_ids: Optional[torch.Tensor] = None) -> None:
+def mask_targets(encoded: Sequence[EncodedTrajectory], *, clone_start: bool = True, last_step_only: bool = False) -> None:
     """Behaviour-cloning targets, in place: ``clone_start=False`` makes step 0 of a multi-step sequence context
-    (labels -100); ``last_step_only`` keeps only each sequence's last step as a target (GRPO teacher guidance);
-    ``start_context_ids`` (token ids, e.g. the number tokens): those tokens of step 0 are context, the rest of step 0
-    still trains (adaptive refinement: learn the stop decision on the model's own answers, not its boxes again)."""
+    (labels -100); ``last_step_only`` keeps only each sequence's last step as a target (GRPO teacher guidance)."""
     for e in encoded:
         last = int(e.step_index.max())
         if not clone_start and last > 0:
             e.labels[e.step_index == 0] = IGNORE
         if last_step_only:
             e.labels[e.step_index < last] = IGNORE
-        if start_context_ids is not None and start_context_ids.numel():
-            e.labels[(e.step_index == 0) & torch.isin(e.labels, start_context_ids)] = IGNORE
 
 
 class NumberSmoothing:

@@ -377,11 +377,7 @@ class VLMPolicy(TrainablePolicy):
             encoded = [self.encode_trajectory(t) for t in trajectories]
         elif len(encoded) != len(trajectories):
             raise ValueError(f"bc_loss: {len(encoded)} encoded sequences for {len(trajectories)} trajectories")
-        if not options.start_numbers and getattr(self, "_number_ids", None) is None:
-            self._number_ids = NumberSmoothing(self.tokenizer, 1.0).ids  # (K,) ids of the whole-number tokens
-        numbers = None if options.start_numbers else self._number_ids
-        mask_targets(encoded, clone_start=options.clone_start, last_step_only=options.last_step_only,
-                     start_context_ids=numbers)
+        mask_targets(encoded, clone_start=options.clone_start, last_step_only=options.last_step_only)
         smoothing = None
         if number_sigma > 0:
             if self._smoothing is None or self._smoothing.sigma != number_sigma:
