@@ -121,24 +121,31 @@ def load_trajectories(path: PathLike, load_images: bool = False) -> list[Traject
     if not path.is_file():
         raise TrajectoryFileError(f"{path}: no such trajectory file")
     out: list[Trajectory] = []
+    for where, d in read_jsonl(path, TrajectoryFileError):
+        _check_record(d, where)
+        traj = Trajectory.from_dict(d)
+        if load_images:
+            for s in traj.steps:
+                if s.image_path is None:
+                    continue
+                img = path.parent / s.image_path
+                if not img.is_file():
+                    raise TrajectoryFileError(f"{where}: step {s.t} image not found: {img}")
+                s.observation = load_png(str(img), f"{where}: step {s.t}")
+        out.append(traj)
+    return out
+
+
+def read_jsonl(path: PathLike, error: type[Exception] = ValueError) -> Iterable[tuple[str, Any]]:
+    """``("path:line", record)`` for every non-blank line of a JSONL file; a line that is not JSON raises ``error``
+    naming the file and line (the records' own checks are the caller's)."""
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
             try:
-                d = json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise TrajectoryFileError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            _check_record(d, where)
-            traj = Trajectory.from_dict(d)
-            if load_images:
-                for s in traj.steps:
-                    if s.image_path is None:
-                        continue
-                    img = path.parent / s.image_path
-                    if not img.is_file():
-                        raise TrajectoryFileError(f"{where}: step {s.t} image not found: {img}")
-                    s.observation = load_png(str(img), f"{where}: step {s.t}")
-            out.append(traj)
-    return out
+                raise error(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            yield where, record

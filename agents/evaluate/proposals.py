@@ -24,10 +24,11 @@ samples are matched, the first sample without a proposal (with the count of the 
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
+
+from rollouts.storage import read_jsonl
 
 
 class ProposalError(ValueError):
@@ -51,27 +52,19 @@ def load_proposals(path: str | Path) -> dict[str, list[float]]:
     if not path.is_file():
         raise FileNotFoundError(f"--proposals: no such file {str(path)!r}")
     out: dict[str, list[float]] = {}
-    with path.open(encoding="utf-8") as f:
-        for k, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {k}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ProposalError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise ProposalError(f"{where}: expected an object {{\"sample_id\": ..., \"box\": [...]}}, got "
-                                    f"{type(rec).__name__}")
-            sid = rec.get("sample_id")
-            if not isinstance(sid, (str, int)) or isinstance(sid, bool) or str(sid) == "":
-                raise ProposalError(f"{where}: 'sample_id' must be a non-empty string, got {sid!r}")
-            if "box" not in rec:
-                raise ProposalError(f"{where}: no 'box' for sample {sid!r}")
-            sid = str(sid)
-            if sid in out:
-                raise ProposalError(f"{where}: sample {sid!r} has a proposal already (one per sample)")
-            out[sid] = _box(rec["box"], where)
+    for where, rec in read_jsonl(path, ProposalError):
+        if not isinstance(rec, dict):
+            raise ProposalError(f"{where}: expected an object {{\"sample_id\": ..., \"box\": [...]}}, got "
+                                f"{type(rec).__name__}")
+        sid = rec.get("sample_id")
+        if not isinstance(sid, (str, int)) or isinstance(sid, bool) or str(sid) == "":
+            raise ProposalError(f"{where}: 'sample_id' must be a non-empty string, got {sid!r}")
+        if "box" not in rec:
+            raise ProposalError(f"{where}: no 'box' for sample {sid!r}")
+        sid = str(sid)
+        if sid in out:
+            raise ProposalError(f"{where}: sample {sid!r} has a proposal already (one per sample)")
+        out[sid] = _box(rec["box"], where)
     if not out:
         raise ProposalError(f"{path}: holds no proposals")
     return out

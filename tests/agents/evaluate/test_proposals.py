@@ -18,13 +18,13 @@ def _write(path, lines):
 
 
 @pytest.mark.parametrize("line, match", [
-    ("{not json", "line 2: not valid JSON"),
-    ("[1, 2]", "line 2: expected an object"),
-    ('{"box": [0, 0, 5, 5]}', "line 2: 'sample_id'"),
-    ('{"sample_id": "b"}', "line 2: no 'box'"),
-    ('{"sample_id": "b", "box": [0, 0, 5]}', "line 2: 'box' must be"),
-    ('{"sample_id": "b", "box": [5, 0, 1, 5]}', "line 2: 'box' needs x2 > x1"),
-    ('{"sample_id": "a", "box": [0, 0, 5, 5]}', "line 2: sample 'a' has a proposal already"),
+    ("{not json", "p.jsonl:2: invalid JSON"),
+    ("[1, 2]", "p.jsonl:2: expected an object"),
+    ('{"box": [0, 0, 5, 5]}', "p.jsonl:2: 'sample_id'"),
+    ('{"sample_id": "b"}', "p.jsonl:2: no 'box'"),
+    ('{"sample_id": "b", "box": [0, 0, 5]}', "p.jsonl:2: 'box' must be"),
+    ('{"sample_id": "b", "box": [5, 0, 1, 5]}', "p.jsonl:2: 'box' needs x2 > x1"),
+    ('{"sample_id": "a", "box": [0, 0, 5, 5]}', "p.jsonl:2: sample 'a' has a proposal already"),
 ])
 def test_bad_records_name_file_and_line(tmp_path, line, match):
     path = _write(tmp_path / "p.jsonl", ['{"sample_id": "a", "box": [0, 0, 5, 5]}', line])
