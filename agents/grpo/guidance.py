@@ -1,6 +1,6 @@
 """Teacher guidance: the geometric teacher's answer to every refinement state the policy visited (DAgger-style).
 
-Why: the behaviour-cloned tiny policy never writes "Box fits. Keep it." nor an exact copy of a good box (0 of 4,000
+Why: the behaviour-cloned tiny policy never writes "Box fits. Keep it." nor an exact copy of a good box (0 of 5,600
 greedy and sampled refinement steps of assets/tiny-ivt-bc on val/train scenes), so pure GRPO can only learn to keep a
 good box by slowly narrowing its number distributions: most of its measured "degradation" is a good step-0 box
 rewritten a few units off. BC cloned the teacher on a SCRIPTED student's states; the states the policy reaches itself
