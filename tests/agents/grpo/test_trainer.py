@@ -277,16 +277,19 @@ def test_branching_groups_with_per_step_advantages(tiny_model, tmp_path, monkeyp
     real_update = grpo.policy_update
 
     def spy(policy, optimizer, batch, adv, **kw):
-        seen["batch"], seen["adv"] = batch, adv
+        seen["batch"], seen["adv"], seen["guide"] = batch, adv, kw["guide"]
         return real_update(policy, optimizer, batch, adv, **kw)
 
     monkeypatch.setattr(grpo, "policy_update", spy)
     cfg = _cfg(tiny_model, tmp_path / "run", group_size=4, branch_size=2, step_advantage="progressive",
-               eval_every=1, eval_limit=3, val_size=3)
+               eval_every=1, eval_limit=3, val_size=3, guide_coef=0.5, guide_states="all")
     summary = grpo.train(cfg)
     assert summary["iterations"] == 1 and summary["last_eval"] is not None
     batch, adv = seen["batch"], seen["adv"]
     assert tuple(adv.shape) == (8, 2)
+    # teacher guidance: one target per distinct refinement state (T = 1: siblings share theirs), loss logged
+    assert len(seen["guide"]) == 4 and all(len(g.steps) == 2 for g in seen["guide"])
+    assert any("train/guide_loss" in r and r["train/guide_loss"] > 0 for r in read_scalars(tmp_path / "run"))
     for k in range(0, 8, 2):
         assert batch[k].steps[0].token_ids == batch[k + 1].steps[0].token_ids
         assert batch[k].group_id == batch[k + 1].group_id
