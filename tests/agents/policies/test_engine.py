@@ -92,16 +92,22 @@ def test_greedy_equals_hf_generate(tiny_q3):
         assert out[0, x.shape[1]:].tolist() == r1[b].token_ids
 
 
-def test_shared_prompt_is_encoded_once(tiny_q3):
-    eng = make_engine(tiny_q3)
-    widths = []
+def record_forward_shapes(eng) -> list:
+    """Wrap ``eng._forward`` so every call appends its input ids' shape (batch rows, new tokens) to the returned list."""
+    shapes = []
     orig = eng._forward
 
     def spy(ids, *a, **k):
-        widths.append(tuple(ids.shape))
+        shapes.append(tuple(ids.shape))
         return orig(ids, *a, **k)
 
     eng._forward = spy
+    return shapes
+
+
+def test_shared_prompt_is_encoded_once(tiny_q3):
+    eng = make_engine(tiny_q3)
+    widths = record_forward_shapes(eng)
     images, exprs = batch_inputs()
     eng.start(images, exprs, 1.0, 3)
     assert widths[0][0] == 3  # 3 unique prompts for 6 rows
@@ -184,14 +190,7 @@ def test_branching_forks_the_cache(tiny_q3):
     the forked caches continue exactly like a full re-encode of each row alone."""
     eng = make_engine(tiny_q3)
     eng.seed(3)
-    widths = []
-    orig = eng._forward
-
-    def spy(ids, *a, **k):
-        widths.append(tuple(ids.shape))
-        return orig(ids, *a, **k)
-
-    eng._forward = spy
+    widths = record_forward_shapes(eng)
     images, exprs = batch_inputs()  # prompts 0, 0, 0, 1, 1, 2
     share = [(0, 0), (0, 0), (0, 1), (1, 0), (1, 0), (2, 0)]
     r0 = eng.start(images, exprs, 1.0, 12, share=share)
