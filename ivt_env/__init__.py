@@ -15,7 +15,8 @@ id                     dataset      note
 
 Adaptive refinement: ``IVT-Synthetic-Adaptive-v0`` is ``IVT-Synthetic-v0`` with ``allow_stop=True`` (a step
 whose text holds ``<stop>`` ends the episode; T = ``max_refine_steps`` stays the budget). Any id takes
-``allow_stop``, ``stop_marker``, ``step_cost`` and ``reset(options={"start_box": [x1, y1, x2, y2]})``.
+``allow_stop``, ``stop_marker``, ``step_cost`` and ``reset(options={"start_box": [x1, y1, x2, y2]})``. Every id
+keeps the previous box for a refinement step that ends with ``keep_marker`` (default ``Keep it.``) and has no box.
 
 Multi-object grounding (SIFThinker's extension of the loop; :data:`MULTI_ENV_DATASETS`):
 ``IVT-SyntheticMulti-v0`` (dataset ``synthetic_multi``): expressions naming one to three objects, a step answers a

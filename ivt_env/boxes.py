@@ -148,6 +148,27 @@ def parse_box(text: object, which: str = "last") -> ParsedBox:
         return ParsedBox(None, f"parse error: {type(exc).__name__}")
 
 
+def ends_with_keep(text: object, marker: Optional[str]) -> bool:
+    """Whether a step's text ends with the keep marker (no box to read: "keep the previous box"), either as the last
+    words of its closed reasoning or after it; trailing spaces aside. An unclosed ``<think>`` is no keep.
+
+    >>> ends_with_keep("<think>Box fits. Keep it.</think>", "Keep it.")
+    True
+    >>> ends_with_keep("<think>Box fits.</think> Keep it.", "Keep it.")
+    True
+    >>> [ends_with_keep(t, "Keep it.") for t in ["<think>Keep it.", "<think>Keep it.</think> [1, 2, 3, 4]", "Keep it"]]
+    [False, False, False]
+    """
+    if not marker or not isinstance(text, str):
+        return False
+    t = text.rstrip()
+    if t.endswith("</think>"):
+        t = t[: -len("</think>")].rstrip()
+    elif "<think>" in t and "</think>" not in t:  # the reasoning is still open: a cut-off text
+        return False
+    return t.endswith(marker)
+
+
 def format_box(box_norm: Sequence[float]) -> str:
     """The canonical text form ``[x1, y1, x2, y2]`` with integer coordinates."""
     return "[" + ", ".join(str(int(round(v))) for v in box_norm) + "]"

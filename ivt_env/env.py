@@ -8,14 +8,17 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from ivt_env.boxes import BOX_CHOICES, NORM_MAX, clip_pixel_box, hiou, iou, parse_box, to_norm, to_pixels
+from ivt_env.boxes import (BOX_CHOICES, NORM_MAX, clip_pixel_box, ends_with_keep, hiou, iou, parse_box, to_norm,
+                           to_pixels)
 from ivt_env.datasets.base import MAX_EXPRESSION_CHARS, DatasetError, GroundingDataset, Sample
+from ivt_env.datasets.resolve import image_bound, resolve_dataset
 from ivt_env.multibox import parse_boxes
 from ivt_env.rendering import Overlay, OverlayStyle
 from ivt_env.rewards import RewardFn, call_reward, get_reward, reward_extras
 from ivt_env.spaces import FreeText, ImageSpace
 
 MAX_ACTION_CHARS = 16384
+KEEP_MARKER = "Keep it."  # a refinement step ending with it keeps the previous box exactly ("Keeping a box")
 
 
 class GroundingRefineEnv(gym.Env):
@@ -71,6 +74,15 @@ class GroundingRefineEnv(gym.Env):
     keeps the previous valid box (its IoU; ``valid`` True, ``box_carried`` True). Call ``reset`` before stepping
     again.
 
+    ## Keeping a box
+    A refinement step whose text has no parseable box and ENDS with ``keep_marker`` (default ``"Keep it."``), as
+    the last words of its reasoning or after it (``<think>Box fits. Keep it.</think>``, ``... Keep it.``;
+    :func:`ivt_env.boxes.ends_with_keep`), keeps the previous valid box exactly (its IoU; ``valid`` True,
+    ``box_carried`` True, ``kept`` True) and the episode goes on. Why: "no change" is the right
+    answer for a fitting box, and rewriting four numbers exactly is a skill a small model may lack (the tiny CPU
+    model rewrites a kept box a median 14 units off). A text with a box is scored by its box; single-box episodes
+    only; ``keep_marker=None`` turns it off (such a text is then invalid).
+
     ## Info
     ``sample_id, dataset, source`` (the sample's origin, e.g. within ``mix``), ``index, gt_box`` (xyxy pixels),
     ``gt_box_norm``, ``width, height, step`` (index of the step reported, -1 after reset), ``max_steps`` (T),
@@ -114,6 +126,7 @@ class GroundingRefineEnv(gym.Env):
     - ``allow_stop``: a step may end the episode early with ``stop_marker`` (default False: always T + 1 steps).
     - ``stop_marker``: the text that stops an episode (default ``"<stop>"``).
     - ``step_cost``: reward subtracted per refinement step (default 0; also :class:`ivt_env.wrappers.StepCost`).
+    - ``keep_marker``: the text ending a step that keeps the previous box (default ``"Keep it."``; ``None``: off).
     - ``depth_observation``: add the observation key ``depth`` (:class:`ivt_env.depth.DepthSpace`, float32
       ``(H, W)``, larger = farther) from ``sample.meta["load_depth"]``; every sample must have one.
 
@@ -140,6 +153,7 @@ class GroundingRefineEnv(gym.Env):
         allow_stop: bool = False,
         stop_marker: str = "<stop>",
         step_cost: float = 0.0,
+        keep_marker: Optional[str] = KEEP_MARKER,
     ):
         if answer_box not in BOX_CHOICES:
             raise ValueError(f"answer_box must be one of {BOX_CHOICES}, got {answer_box!r}")
@@ -152,17 +166,20 @@ class GroundingRefineEnv(gym.Env):
             raise ValueError(f"stop_marker must be a non-empty string, got {stop_marker!r}")
         if not isinstance(step_cost, (int, float, np.number)) or not np.isfinite(step_cost) or step_cost < 0:
             raise ValueError(f"step_cost must be a finite number >= 0, got {step_cost!r}")
+        if keep_marker is not None and (not isinstance(keep_marker, str) or not keep_marker.strip()):
+            raise ValueError(f"keep_marker must be None or a non-empty string, got {keep_marker!r}")
         self.allow_stop, self.stop_marker, self.step_cost = bool(allow_stop), stop_marker, float(step_cost)
+        self.keep_marker = keep_marker
         self.render_mode = render_mode
         self.max_refine_steps = int(max_refine_steps)
         self.reward_fn = get_reward(reward_fn)
         self._reward_extras = reward_extras(self.reward_fn)  # e.g. {"boxes"}: read once, not per step
         self.overlay_style = OverlayStyle.coerce(overlay)
-        self.dataset = _resolve_dataset(dataset, split, data_root, dataset_kwargs)
+        self.dataset = resolve_dataset(dataset, split, data_root, dataset_kwargs)
         self.dataset_name = str(getattr(self.dataset, "name", type(self.dataset).__name__))
         if len(self.dataset) == 0:
             raise DatasetError(f"dataset {self.dataset_name!r} (split {split!r}) has no samples")
-        max_h, max_w = _image_bound(self.dataset, max_image_size)
+        max_h, max_w = image_bound(self.dataset, max_image_size)
 
         T = self.max_refine_steps
         self.observation_space = spaces.Dict(
@@ -258,8 +275,9 @@ class GroundingRefineEnv(gym.Env):
             box_px = to_pixels(box_norm, sample.width, sample.height) if box_norm is not None else None
             score = iou(box_px, self._gt) if box_px is not None else 0.0
         stop = self.allow_stop and isinstance(action, str) and self.stop_marker in action
-        carried = stop and box_px is None and not self._multi and self._last_valid() is not None
-        if carried:  # a stop without a box: the previous valid box is final
+        keep = t >= 1 and ends_with_keep(action, self.keep_marker)
+        carried = (stop or keep) and box_px is None and not self._multi and self._last_valid() is not None
+        if carried:  # a stop or a keep without a box: the previous valid box stays (final, for a stop)
             box_norm = self._last_valid()
             box_px = to_pixels(box_norm, sample.width, sample.height)
             score = iou(box_px, self._gt)
@@ -284,6 +302,7 @@ class GroundingRefineEnv(gym.Env):
         info["stopped"] = stop
         if carried:
             info["box_carried"] = True
+            info["kept"] = keep
         return obs, reward, last, False, info
 
     def render(self) -> Optional[np.ndarray]:
@@ -414,35 +433,3 @@ class GroundingRefineEnv(gym.Env):
             "allow_stop": self.allow_stop,
             **(self._extra if self._multi else {}),  # single-box episodes keep exactly the keys above
         }
-
-
-def _resolve_dataset(dataset, split, data_root, dataset_kwargs) -> GroundingDataset:
-    if isinstance(dataset, str):
-        from ivt_env.datasets import load_dataset  # late: the env module must import without the loaders
-
-        return load_dataset(dataset, split, data_root=data_root, **dict(dataset_kwargs or {}))
-    if dataset_kwargs:
-        raise ValueError("dataset_kwargs only apply when dataset is a name")
-    for attr in ("__len__", "__getitem__", "sample_ids"):
-        if not hasattr(dataset, attr):
-            raise TypeError(
-                f"dataset must be a name or a GroundingDataset (missing {attr}), got {type(dataset).__name__}"
-            )
-    return dataset
-
-
-def _image_bound(dataset: GroundingDataset, given: Optional[Sequence[int]]) -> tuple[int, int]:
-    """(max_height, max_width) of the image space: given, declared by the dataset, or read from its samples.
-
-    Order: the ``max_image_size`` argument; a ``max_image_size`` attribute ``(H, W)`` on the dataset (every built-in
-    dataset declares one); else every sample's ``height``/``width`` (pass ``max_image_size`` for a lazy custom
-    dataset whose samples are costly to build).
-    """
-    bound = given if given is not None else getattr(dataset, "max_image_size", None)
-    if bound is None:
-        heights, widths = zip(*((s.height, s.width) for s in (dataset[i] for i in range(len(dataset)))))
-        bound = (max(heights), max(widths))
-    h, w = (int(v) for v in bound)
-    if h < 1 or w < 1:
-        raise ValueError(f"max_image_size must be two positive ints (height, width), got {bound!r}")
-    return h, w

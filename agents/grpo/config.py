@@ -144,6 +144,10 @@ class GRPOConfig:
     guide_sigma: float = 20.0
     """Gaussian soft-target width (of 1000) on the number tokens of the guidance targets (the BC recipe's
     number_sigma; 0: one-hot)."""
+    guide_keep: str = ""
+    """The guidance teacher's keep answer: "" rewrites the kept box ("Box fits. Keep it." + the same box, the paper's
+    answer format); the env's keep marker ("Keep it.") answers "<think>Box fits. Keep it.</think>" with no box, which
+    the env reads as "the previous box, exactly" (ivt_env keep_marker, "Keeping a box")."""
     guide_verbosity: int = 0
     """Verbosity of the guidance teacher's reasoning text (0, 1, 2): the one the policy was behaviour-cloned with."""
     clip_eps: Optional[float] = None
@@ -218,6 +222,8 @@ class GRPOConfig:
             (self.guide_states in ("all", "fit"), f"guide_states must be all|fit, got {self.guide_states!r}"),
             (self.guide_sigma >= 0, f"guide_sigma must be >= 0, got {self.guide_sigma}"),
             (self.guide_verbosity in (0, 1, 2), f"guide_verbosity must be 0, 1 or 2, got {self.guide_verbosity}"),
+            (self.guide_keep == "" or bool(self.guide_keep.strip()), "guide_keep must be '' or a marker such as "
+             f"'Keep it.', got {self.guide_keep!r}"),
         ]
         for ok, msg in checks:
             if not ok:

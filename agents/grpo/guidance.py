@@ -24,13 +24,16 @@ from ivt_env.boxes import iou, to_norm
 
 
 def teacher_refinement(prev_norm: Optional[Sequence[float]], gt_norm: Sequence[int], step: int, remaining: int,
-                       expression: str, verbosity: int = 0) -> tuple[str, list[int]]:
+                       expression: str, verbosity: int = 0, keep_marker: str = "") -> tuple[str, list[int]]:
     """The teacher's step-``step`` text and box after the red box ``prev_norm`` (None: no valid box drawn), with
     ``remaining`` >= 1 steps left (this one included): keep a fitting box, else move 1/remaining of the way to the
-    GT (the interpolation of IVT Sec. 3.2 restarted from the policy's own box).
+    GT (the interpolation of IVT Sec. 3.2 restarted from the policy's own box). ``keep_marker``: a kept box is
+    answered with the marker instead of its numbers (the env carries the previous box).
 
     >>> teacher_refinement([100, 100, 300, 300], [100, 100, 310, 300], 1, 2, "the circle")
     ('<think>Box fits. Keep it.</think> [100, 100, 300, 300]', [100, 100, 300, 300])
+    >>> teacher_refinement([100, 100, 300, 300], [100, 100, 310, 300], 1, 2, "the circle", keep_marker="Keep it.")[0]
+    '<think>Box fits. Keep it.</think>'
     >>> teacher_refinement([0, 0, 100, 100], [200, 200, 300, 300], 2, 1, "the circle")[1]
     [200, 200, 300, 300]
     """
@@ -43,19 +46,23 @@ def teacher_refinement(prev_norm: Optional[Sequence[float]], gt_norm: Sequence[i
     else:
         prev = [int(round(v)) for v in prev_norm]
         new = prev if iou(prev, gt) >= FIT_IOU else interpolate_boxes(prev, gt, remaining)[1]
-    text = format_step(geometric_reasoning(prev, new, gt, step, expression, None, verbosity), new)
+    keep = bool(keep_marker) and prev is not None and new == prev
+    text = format_step(geometric_reasoning(prev, new, gt, step, expression, None, verbosity), new,
+                       keep_marker=keep_marker if keep else None)
     return text, new
 
 
 GUIDE_STATES = ("all", "fit")  # label every refinement state | only those whose red box fits (the teacher keeps it)
 
 
-def guidance_trajectories(trajectories: Sequence[Any], *, verbosity: int = 0, states: str = "all") -> list[Any]:
+def guidance_trajectories(trajectories: Sequence[Any], *, verbosity: int = 0, states: str = "all",
+                          keep_marker: str = "") -> list[Any]:
     """One sequence per distinct refinement state: the policy's steps 0..t-1 plus a step t holding the teacher's
     text (``token_ids`` None: tokenised from the text, as BC does; the observation and injected tokens of the
     policy's own step t, which depend only on steps < t). Siblings of a branching group share step 0, so their
     step-1 states are labelled once. ``states="fit"``: only states whose red box fits the GT (IoU >= FIT_IOU), whose
-    label is "keep it" (the one action the behaviour-cloned policy never samples, see the module docstring).
+    label is "keep it" (the one action the behaviour-cloned policy never samples, see the module docstring);
+    ``keep_marker``: keep answers write the marker, not the box (:func:`teacher_refinement`).
     Trajectories must carry their observations in memory (the collector keeps them for the update)."""
     if states not in GUIDE_STATES:
         raise ValueError(f"guidance states must be one of {GUIDE_STATES}, got {states!r}")
@@ -72,7 +79,7 @@ def guidance_trajectories(trajectories: Sequence[Any], *, verbosity: int = 0, st
             prev = prefix[-1].box_norm if prefix[-1].valid else None
             if states == "fit" and (prev is None or iou(prev, gt) < FIT_IOU):
                 continue
-            text, box = teacher_refinement(prev, gt, t, T - t + 1, traj.expression, verbosity)
+            text, box = teacher_refinement(prev, gt, t, T - t + 1, traj.expression, verbosity, keep_marker)
             own = traj.steps[t]
             target = copy.copy(own)  # shallow: shares the observation array, replaces the generated part
             target.text, target.token_ids, target.logprobs, target.temperature = text, None, None, None

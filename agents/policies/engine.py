@@ -173,7 +173,7 @@ class RolloutEngine:
             raise ValueError(f"RolloutEngine.refine: {len(images)} images for a batch of {len(self.rows)} rows")
         chunks = [self.layout.refine_chunk(im) for im in images]
         self._append_chunks(chunks)
-        return self._generate(chunks, temperature, max_new_tokens, stop_at_box, stop_at_eos)
+        return self._generate(chunks, temperature, max_new_tokens, stop_at_box, stop_at_eos, keep=True)
 
     @torch.no_grad()
     def start_given(self, images: Sequence[np.ndarray], expressions: Sequence[str], texts: Sequence[str],
@@ -284,10 +284,13 @@ class RolloutEngine:
         return s
 
     def _generate(self, chunks: Sequence[Chunk], temperature: float, max_new_tokens: int,
-                  stop_at_box: bool, stop_at_eos: bool) -> list[StepResult]:
+                  stop_at_box: bool, stop_at_eos: bool, keep: bool = False) -> list[StepResult]:
+        """``keep``: a refinement step, which the keep marker may end (step 0 has no box to keep: the env reads a
+        step-0 keep marker as no box, so generation goes on to the box)."""
         dev, B = self.device, len(self.rows)
         stop_ids = torch.tensor(self.layout.stop_ids if stop_at_eos else [-1], device=dev)
-        stopper = BoxStopper(B, self.layout.prompts.stop_box_requires_think)
+        prompts = self.layout.prompts
+        stopper = BoxStopper(B, prompts.stop_box_requires_think, prompts.keep_marker if keep else "")
         gen: list[list[int]] = [[] for _ in range(B)]
         lps: list[list[float]] = [[] for _ in range(B)]
         why = ["length"] * B

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from agents.common.config import load_yaml
+from ivt_env.boxes import ends_with_keep
 
 DEFAULT_PROMPTS = "prompts.yaml"  # resolved in configs/ by agents.common.config.resolve_config_path
 
@@ -62,6 +63,10 @@ class PromptConfig:
     """auto | norm1000 | abs_pixels: the coordinate convention of the model's own text."""
     stop_box_requires_think: bool = True
     """Stop at a box's closing ']' only after '</think>' has been written."""
+    keep_marker: str = "Keep it."
+    """A refinement step whose text ends with this text (the last words of its reasoning, ``...Keep it.</think>``,
+    or after it) is complete: the env keeps the previous box for it (``ivt_env`` ``keep_marker``, "Keeping a
+    box"). Empty: only a box ends a step."""
     stop_hint: str = ""
     """Adaptive refinement: appended to the step-0 question (after a space) only when the env allows stopping
     (``info["allow_stop"]``, trajectories with ``meta["allow_stop"]``); the question is unchanged otherwise.
@@ -133,18 +138,30 @@ def abs_box_text_to_norm(text: str, resized_w: int, resized_h: int) -> str:
 class BoxStopper:
     """Per-row incremental stop test: a complete ``[a, b, c, d]`` written (after ``</think>`` if required) and
     every bracket opened after ``</think>`` closed again, so a list of boxes ``[[...], [...]]`` (multi-object
-    grounding) stops at its closing ``]``; a lone box stops at once, as before."""
+    grounding) stops at its closing ``]``; a lone box stops at once, as before. ``keep_marker``: a text that ends
+    with it (:func:`ivt_env.boxes.ends_with_keep`: the last words of the closed reasoning, or after it) is complete
+    too, a step that keeps the previous box.
 
-    def __init__(self, n: int, requires_think: bool) -> None:
+    >>> s = BoxStopper(1, True, keep_marker="Keep it.")
+    >>> [s.feed(0, p) for p in ["<think>", "Box fits.", " Keep", " it", ".", "</think>"]]
+    [False, False, False, False, False, True]
+    """
+
+    def __init__(self, n: int, requires_think: bool, keep_marker: str = "") -> None:
         self.buf = [""] * n
         self.requires_think = requires_think
+        self.keep_marker = keep_marker
 
     def feed(self, row: int, piece: str) -> bool:
-        """Append the decoded text of one token; True when the step is complete (a box just closed)."""
+        """Append the decoded text of one token; True when the step is complete (a box just closed, or the keep
+        marker was just written)."""
         self.buf[row] += piece
-        if "]" not in piece:
+        keep = bool(self.keep_marker) and (">" in piece or self.keep_marker[-1] in piece)
+        if "]" not in piece and not keep:
             return False
         text = self.buf[row]
+        if keep and ends_with_keep(text, self.keep_marker):
+            return True
         if self.requires_think:
             k = text.rfind("</think>")
             if k < 0:

@@ -84,6 +84,31 @@ def _grpo_stage(cfg: ReproduceConfig, out: Path, init_from: Path, **overrides: A
     return out / "best"
 
 
+def seed_bc_from_base(base_run: Path, bc_run: Path, phase1: int) -> bool:
+    """Start the bc stage where the base stage stopped: the BC recipe's first ``phase1`` steps ARE the base run (same
+    seed, data drawn per step from (seed, step), same schedule over the recipe's max_steps), so phase 1 is not
+    trained twice. Copies the base's init folder and its step-``phase1`` checkpoint into ``bc_run`` and drops the
+    base's best-so-far, chosen on single-shot accuracy (the bc stage picks its best/ on T = 2 accuracy). False (and
+    nothing copied) when ``bc_run`` already exists or the base left no such checkpoint."""
+    import shutil
+
+    from agents.common.checkpoint import STATE_FILE, latest_checkpoint, read_state
+    from ivt_env.atomic import atomic_write_text
+
+    ckpt = latest_checkpoint(base_run) if base_run.is_dir() else None
+    if bc_run.exists() or ckpt is None or int(read_state(ckpt)["step"]) != phase1:
+        return False
+    tmp = bc_run.with_name(bc_run.name + ".seeding")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(base_run / "base", tmp / "base")  # the tiny model's init folder (init_from: tiny)
+    shutil.copytree(ckpt, tmp / "checkpoints" / ckpt.name)
+    state = read_state(ckpt)
+    state.update(best=None, best_step=None, evals=[])
+    atomic_write_text(tmp / "checkpoints" / ckpt.name / STATE_FILE, json.dumps(state, indent=2) + "\n")
+    tmp.rename(bc_run)  # all or nothing: a crash above leaves no half-seeded bc folder
+    return True
+
+
 def train_all(cfg: ReproduceConfig, out: Path) -> dict[str, Path]:
     """Every checkpoint from scratch: the base is phase 1 of the behaviour-cloning recipe (grounding only, chosen on
     single-shot validation accuracy), then the full recipe, then GRPO from it with T = 2 and with T = 0."""
@@ -104,6 +129,8 @@ def train_all(cfg: ReproduceConfig, out: Path) -> dict[str, Path]:
 
     phase1 = load_yaml(BCConfig, "bc_cpu.yaml").grounding_only_steps
     base = stage("base", _bc_stage, exp_name="tiny_base", stop_after=phase1, eval_every=phase1 // 9, eval_steps=0)
+    if not (root / "bc" / DONE).is_file() and seed_bc_from_base(root / "base", root / "bc", phase1):
+        print(f"[reproduce] bc: continues the base run from step {phase1} (phase 1 is the base)", file=sys.stderr)
     sft = stage("bc", _bc_stage)
     grpo = stage("grpo", _grpo_stage, sft)
     single = stage("grpo_single", _grpo_stage, sft, max_refine_steps=0, exp_name="grpo_cpu_single_step",

@@ -64,6 +64,11 @@ def test_guidance_sequences_dedupe_siblings_and_keep_the_prefix():
     assert [g.steps[-1].text for g in fit_only] == [out[0].steps[1].text, out[2].steps[2].text]
     with pytest.raises(ValueError, match="guidance states"):
         guidance_trajectories([a], states="some")
+    keep = guidance_trajectories([a, b], states="fit", keep_marker="Keep it.")  # keeps answer with the marker
+    assert [g.steps[-1].text for g in keep] == ["<think>Box fits. Keep it.</think>"] * 2
+    assert keep[0].steps[-1].box_norm == [200.0, 200.0, 400.0, 410.0]  # the box the env carries
+    moves = guidance_trajectories([a], keep_marker="Keep it.")  # a move still writes its box
+    assert moves[1].steps[2].text.endswith("[200, 200, 400, 400]")
 
 
 def test_last_step_only_loss_equals_the_teacher_forced_logprobs_of_the_last_step(tiny_q3):  # noqa: F811

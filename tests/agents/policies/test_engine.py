@@ -157,6 +157,18 @@ def test_stop_rules_and_holes(tiny_q3):
         assert r1[b].token_ids == argmax[-len(r1[b].token_ids):]
 
 
+def test_the_keep_marker_ends_refinement_steps_only(tiny_q3):
+    eng = make_engine(tiny_q3)
+    enc = lambda s: eng.layout.tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    keep = enc("<think>Box fits. Keep it.</think> [1, 2, 3, 4] more")
+    eng.filter = ScriptedFilter(eng.filter, [keep])
+    (r0,) = eng.start([rand_image(0)], ["a"], 0.0, 30)  # step 0 has no box to keep: the box ends it
+    assert r0.stop == "box" and eng.layout.tokenizer.decode(r0.token_ids).endswith("Keep it.</think> [1, 2, 3, 4]")
+    eng.filter.k = 0
+    (r1,) = eng.refine([rand_image(1)], 0.0, 30)
+    assert r1.stop == "box" and eng.layout.tokenizer.decode(r1.token_ids).endswith("Box fits. Keep it.</think>")
+
+
 def test_stop_without_think_requirement(tiny_q3):
     eng = make_engine(tiny_q3)
     eng.layout.prompts.stop_box_requires_think = False

@@ -52,3 +52,25 @@ def test_missing_checkpoint_is_one_clear_line(tmp_path, capsys):
     args = ["--out", str(tmp_path / "r"), "--from-shipped", "--base-model", str(tmp_path / "nope")]
     assert main(args) == 2
     assert "base checkpoint" in capsys.readouterr().err
+
+
+def test_bc_stage_continues_the_base_run(tmp_path):
+    from agents.common.checkpoint import read_state
+    from agents.reproduce.run import seed_bc_from_base
+
+    base, bc = tmp_path / "base", tmp_path / "bc"
+    (base / "base").mkdir(parents=True)
+    (base / "base" / "config.json").write_text("{}")
+    ckpt = base / "checkpoints" / "iter_000040"
+    ckpt.mkdir(parents=True)
+    (ckpt / "trainable.pt").write_bytes(b"weights")
+    (ckpt / "state.json").write_text(json.dumps({"step": 40, "best": 0.54, "best_step": 40, "evals": [{"a": 1}]}))
+    assert not seed_bc_from_base(base, bc, phase1=30)  # the base stopped elsewhere: nothing copied
+    assert not bc.exists()
+    assert seed_bc_from_base(base, bc, phase1=40)
+    state = read_state(bc / "checkpoints" / "iter_000040")
+    assert state == {"step": 40, "best": None, "best_step": None, "evals": []}  # best re-chosen on T = 2
+    assert (bc / "checkpoints" / "iter_000040" / "trainable.pt").read_bytes() == b"weights"
+    assert (bc / "base" / "config.json").is_file() and not (tmp_path / "bc.seeding").exists()
+    assert read_state(ckpt)["best"] == 0.54  # the base run is untouched
+    assert not seed_bc_from_base(base, bc, phase1=40)  # never over an existing bc folder
