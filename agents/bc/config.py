@@ -125,6 +125,15 @@ class BCConfig:
     (its own answer: harmless self-distillation). False: step 0 of a trajectory with refinement steps is context
     only (labels -100): with a scripted student it is a deliberately wrong box the model should not learn to give
     (single-step grounding samples still train their answer)."""
+    clone_start_numbers: bool = True
+    """False: step 0's number tokens (its box coordinates) are context, not targets; the rest of step 0 (reasoning,
+    the stop marker) still trains. For stopping data built from the model's own answers (adaptive refinement):
+    the fine-tune learns WHEN to stop without a direct gradient on the step-0 box it already gives."""
+    train_only_tokens: str = ""
+    """Non-empty: only the embedding rows of this text's tokens train (input and output rows: the tiny model ties
+    them); every other weight is frozen. For a new phrase the model never wrote (adaptive refinement's
+    " It fits <stop>"): Adam moves every weight with any gradient by about lr per step, and on the tiny model a
+    full fine-tune that teaches the phrase also moves its step-0 boxes and its refinements (issue 14, measured)."""
     number_sigma: float = 0.0
     """> 0: a target that is a whole-number token (the tiny tokenizer's "0".."1000", i.e. a box coordinate) is
     trained towards a Gaussian of this width over the number tokens instead of a one-hot (a coordinate a few
@@ -182,6 +191,7 @@ class BCConfig:
                                          and self.localize_steps == 0),
              "grounding_mix / grounding_only_steps / localize_steps need data=online"),
             (not (self.full_finetune and self.load_in_4bit), "full_finetune excludes load_in_4bit"),
+            (not self.train_only_tokens or self.full_finetune, "train_only_tokens needs full_finetune: true"),
             (not self.resume or bool(self.out), "--resume needs --out DIR (the run folder to continue)"),
             (not (self.resume and self.overwrite), "give --resume (continue) or --overwrite (start clean), not both"),
             (self.synth.start != "student" or self.data != "online" or self.synth.student == "scripted",

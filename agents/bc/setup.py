@@ -142,3 +142,22 @@ def bc_scheduler(optimizer: torch.optim.Optimizer, total: int, cfg: BCConfig) ->
     cosine / linear decay to ``lr * min_lr_ratio`` at the last step, or constant (IVT: cosine with 10% warm-up)."""
     return make_scheduler(optimizer, total=total, warmup=int(round(cfg.warmup_ratio * total)), kind=cfg.lr_schedule,
                           decay_start=int(round(cfg.lr_decay_start * total)), min_ratio=cfg.min_lr_ratio)
+
+
+def train_only_token_rows(policy: Any, text: str) -> list[int]:
+    """Freeze every weight of ``policy`` except the embedding rows of ``text``'s tokens (input embeddings and, when
+    not tied to them, the output head's rows); returns those token ids, ascending. The row mask is a gradient hook,
+    so AdamW (weight_decay 0) leaves the other rows exactly as they were: their gradient is exactly zero."""
+    ids = sorted(set(policy.tokenizer(text, add_special_tokens=False)["input_ids"]))
+    if not ids:
+        raise ValueError(f"bc config: train_only_tokens {text!r} has no tokens")
+    model = policy.hf_model
+    weights = {id(w): w for w in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)}
+    for p in policy.model.parameters():
+        p.requires_grad_(False)
+    for w in weights.values():
+        mask = torch.zeros(w.shape[0], 1, dtype=w.dtype, device=w.device)
+        mask[ids] = 1.0
+        w.requires_grad_(True)
+        w.register_hook(lambda g, m=mask: g * m)
+    return ids

@@ -29,7 +29,7 @@ import torch
 
 from agents.bc.config import BCConfig
 from agents.bc.data import Prefetcher
-from agents.bc.setup import bc_scheduler, build_data, build_policy, steps_per_epoch, total_steps
+from agents.bc.setup import bc_scheduler, build_data, build_policy, steps_per_epoch, total_steps, train_only_token_rows
 from agents.common.checkpoint import (CheckpointError, apply_schedule, checkpoint_dir, latest_checkpoint,
                                      load_checkpoint, prune_checkpoints, read_state, save_checkpoint)
 from agents.common.config import atomic_write_text, parse_train_command, to_dict
@@ -57,7 +57,8 @@ def train(cfg: BCConfig) -> dict[str, Any]:
     run_dir, policy, params, data, optimizer, scheduler, state, log = _setup_run(cfg)
     total = total_steps(cfg, data)
     eval_every = cfg.eval_every or steps_per_epoch(cfg, data)  # 0 with online data: evaluate only at the end
-    loss_options = BCLossOptions(number_sigma=cfg.number_sigma, clone_start=cfg.clone_start)
+    loss_options = BCLossOptions(number_sigma=cfg.number_sigma, clone_start=cfg.clone_start,
+                                 clone_start_numbers=cfg.clone_start_numbers)
     evaluator = Validator(cfg)
 
     if state["step"] == 0 and cfg.eval_at_start:  # the start point of the curves
@@ -147,6 +148,9 @@ def _setup_run(cfg: BCConfig):
     log = RunLogger(run_dir, purge_step=None if resume_step is None else resume_step + 1)
     policy = build_policy(cfg, run_dir)
     policy.train()
+    if cfg.train_only_tokens:
+        ids = train_only_token_rows(policy, cfg.train_only_tokens)
+        print(f"[bc] train_only_tokens: {len(ids)} embedding rows train, every other weight is frozen", file=sys.stderr)
     params = list(policy.trainable_parameters())
     if not params:
         raise ValueError(f"policy from {cfg.init_from!r} has no trainable parameters")

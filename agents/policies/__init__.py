@@ -8,7 +8,9 @@ Built-in names (scripted ones need no model):
 - ``replay``  -> :class:`agents.policies.scripted.ReplayPolicy` (``path``: JSONL of step texts)
 - ``teacher`` -> :class:`agents.policies.scripted.InterpolatingTeacher` (``steps``, ``start_boxes``, ...)
 - ``vlm``     -> ``agents.policies.vlm.VLMPolicy.from_pretrained(model, **rest)`` (imported only when asked for;
-  ``model`` (or ``path``) is the model folder). A path to an existing folder is also taken as ``vlm``.
+  ``model`` (or ``path``) is the model folder). A path to an existing folder is also taken as ``vlm``. A folder
+  whose ``ivt_policy.json`` records ``confident_stop`` (or the keyword ``confident_stop=X``) is wrapped in
+  :class:`agents.policies.confident_stop.ConfidentStop` (adaptive refinement: stop when the answer is likely).
 
 Anything else of the form ``package.module:ClassName`` (or ``package.module.ClassName``) is imported and called
 with the keyword arguments; it must return an object with an ``act`` method (the :class:`Policy` interface).
@@ -38,7 +40,12 @@ def _make_vlm(kwargs: dict[str, Any]) -> Policy:
     model = kwargs.pop("model", None) or kwargs.pop("path", None)
     if model is None:
         raise ValueError("policy 'vlm' needs model=PATH (a model folder; --model PATH on the command line)")
-    return POLICIES.get("vlm").from_pretrained(model, **kwargs)
+    from agents.policies.confident_stop import FIELD, ConfidentStop, recorded_threshold
+
+    # the folder's recorded confidence-stop threshold applies unless the caller names one (None: off)
+    threshold = kwargs.pop(FIELD) if FIELD in kwargs else recorded_threshold(model)
+    policy = POLICIES.get("vlm").from_pretrained(model, **kwargs)
+    return policy if threshold is None else ConfidentStop(policy, threshold)
 
 
 def make_policy(name_or_path: str, **kwargs: Any) -> Policy:

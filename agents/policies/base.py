@@ -23,6 +23,10 @@ class BCLossOptions:
     ignore it); 0: one-hot targets."""
     clone_start: bool = True
     """False: step 0 of trajectories with refinement steps is context, not a target (a scripted student wrote it)."""
+    clone_start_numbers: bool = True
+    """False: the number tokens of step 0 (its box coordinates) are context, not targets, while step 0's other tokens
+    (reasoning, stop marker, brackets) still train: a fine-tune that teaches the model WHEN to stop, on its own
+    step-0 answers, leaves its step-0 box distribution without a direct gradient (issue 14)."""
     last_step_only: bool = False
     """True: only the LAST step of each trajectory is a target, earlier steps are context (GRPO's teacher guidance:
     the policy's own steps, then the teacher's answer to the state they reached)."""

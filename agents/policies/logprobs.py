@@ -106,15 +106,33 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
     )
 
 
-def mask_targets(encoded: Sequence[EncodedTrajectory], *, clone_start: bool = True, last_step_only: bool = False) -> None:
+def mask_targets(encoded: Sequence[EncodedTrajectory], *, clone_start: bool = True, last_step_only: bool = False,
+                 start_number_ids: Optional[torch.Tensor] = None) -> None:
     """Behaviour-cloning targets, in place: ``clone_start=False`` makes step 0 of a multi-step sequence context
-    (labels -100); ``last_step_only`` keeps only each sequence's last step as a target (GRPO teacher guidance)."""
+    (labels -100); ``last_step_only`` keeps only each sequence's last step as a target (GRPO teacher guidance);
+    ``start_number_ids`` (token ids, :func:`number_token_ids`): those tokens of step 0 become context, in every
+    sequence (``BCLossOptions.clone_start_numbers=False``)."""
     for e in encoded:
         last = int(e.step_index.max())
         if not clone_start and last > 0:
             e.labels[e.step_index == 0] = IGNORE
+        if start_number_ids is not None:
+            e.labels[(e.step_index == 0) & torch.isin(e.labels, start_number_ids)] = IGNORE
         if last_step_only:
             e.labels[e.step_index < last] = IGNORE
+
+
+_NUMBER_IDS: dict = {}  # id(tokenizer) -> (tokenizer, ids): one vocabulary scan per tokenizer (151k ids for Qwen)
+
+
+def number_token_ids(tokenizer: Any) -> torch.Tensor:
+    """Ids of the tokens whose text is digits only, surrounding spaces aside (the tiny tokenizer's whole numbers
+    "0".."1000"; a digit-by-digit tokenizer's digits), ascending: the tokens that spell box coordinates."""
+    hit = _NUMBER_IDS.get(id(tokenizer))
+    if hit is None or hit[0] is not tokenizer:
+        ids = [i for i in range(len(tokenizer)) if tokenizer.decode([i]).strip().isdigit()]
+        hit = _NUMBER_IDS[id(tokenizer)] = (tokenizer, torch.tensor(ids, dtype=torch.long))
+    return hit[1]
 
 
 class NumberSmoothing:

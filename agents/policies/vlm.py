@@ -48,7 +48,7 @@ from ivt_env.atomic import atomic_dir
 from agents.policies.base import BCLossOptions, PolicyOutput, SamplingParams, TokenLogprobs, TrainablePolicy
 from agents.policies.engine import LogitFilter, RolloutEngine
 from agents.policies.logprobs import (IGNORE, EncodedTrajectory, ImageResolver, NumberSmoothing, encode_trajectory,
-                                      mask_targets, teacher_forced)
+                                      mask_targets, number_token_ids, teacher_forced)
 from agents.policies.vision import linear_patch_embeddings
 from agents.policies.vlm_processor import load_processor
 from agents.policies.vlm_setup import (
@@ -369,6 +369,7 @@ class VLMPolicy(TrainablePolicy):
         ``options.clone_start=False``: step 0 of a trajectory WITH refinement steps is context only (labels -100),
         e.g. when a scripted student wrote it and it is not the model's own answer; single-step samples still train.
         ``options.last_step_only``: only each trajectory's last step is a target (GRPO teacher guidance).
+        ``options.clone_start_numbers=False``: step 0's number tokens (its box) are context only (issue 14).
         ``encoded``: the trajectories' :meth:`encode_trajectory` results made elsewhere (e.g. in the BC data worker,
         :class:`agents.bc.data.Prefetcher`); their labels are modified here."""
         options = options or BCLossOptions()
@@ -377,7 +378,8 @@ class VLMPolicy(TrainablePolicy):
             encoded = [self.encode_trajectory(t) for t in trajectories]
         elif len(encoded) != len(trajectories):
             raise ValueError(f"bc_loss: {len(encoded)} encoded sequences for {len(trajectories)} trajectories")
-        mask_targets(encoded, clone_start=options.clone_start, last_step_only=options.last_step_only)
+        mask_targets(encoded, clone_start=options.clone_start, last_step_only=options.last_step_only,
+                     start_number_ids=None if options.clone_start_numbers else number_token_ids(self.tokenizer))
         smoothing = None
         if number_sigma > 0:
             if self._smoothing is None or self._smoothing.sigma != number_sigma:
