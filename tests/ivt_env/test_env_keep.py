@@ -5,15 +5,7 @@ pixels, GT (16, 12, 48, 36) = [250, 250, 750, 750])."""
 import numpy as np
 import pytest
 
-from ivt_env.env import GroundingRefineEnv
-from tests.ivt_env.fake_data import FakeDataset
-
-GT = "[250, 250, 750, 750]"
-QUARTER = "[0, 0, 500, 500]"  # pixels (0, 0, 32, 24): overlap 16 x 12 = 192, union 768 + 768 - 192 -> IoU 1/7
-
-
-def make(**kw):
-    return GroundingRefineEnv(FakeDataset(), max_refine_steps=2, **kw)
+from tests.ivt_env.test_env_adaptive import GT, QUARTER, make  # FakeDataset sample 0, T = 2; QUARTER: IoU 1/7
 
 
 def test_keep_carries_the_previous_box_and_the_episode_goes_on():
