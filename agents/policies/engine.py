@@ -165,15 +165,19 @@ class RolloutEngine:
 
     @torch.no_grad()
     def refine(self, images: Sequence[np.ndarray], temperature: float, max_new_tokens: int,
-               stop_at_box: bool = True, stop_at_eos: bool = True) -> list[StepResult]:
-        """Step t >= 1: append each row's overlay image + instruction to its cache and continue generating."""
+               stop_at_box: bool = True, stop_at_eos: bool = True,
+               keep_marker: Optional[str] = None) -> list[StepResult]:
+        """Step t >= 1: append each row's overlay image + instruction to its cache and continue generating.
+        ``keep_marker``: the text that ends a step keeping the previous box (the env's, ``info["keep_marker"]``;
+        None: the prompts' ``keep_marker``; "": none)."""
         if not self.rows:
             raise RuntimeError("RolloutEngine.refine: no batch in progress (call start first)")
         if len(images) != len(self.rows):
             raise ValueError(f"RolloutEngine.refine: {len(images)} images for a batch of {len(self.rows)} rows")
         chunks = [self.layout.refine_chunk(im) for im in images]
         self._append_chunks(chunks)
-        return self._generate(chunks, temperature, max_new_tokens, stop_at_box, stop_at_eos, keep=True)
+        keep = self.layout.prompts.keep_marker if keep_marker is None else keep_marker
+        return self._generate(chunks, temperature, max_new_tokens, stop_at_box, stop_at_eos, keep=keep)
 
     @torch.no_grad()
     def start_given(self, images: Sequence[np.ndarray], expressions: Sequence[str], texts: Sequence[str],
@@ -284,13 +288,12 @@ class RolloutEngine:
         return s
 
     def _generate(self, chunks: Sequence[Chunk], temperature: float, max_new_tokens: int,
-                  stop_at_box: bool, stop_at_eos: bool, keep: bool = False) -> list[StepResult]:
-        """``keep``: a refinement step, which the keep marker may end (step 0 has no box to keep: the env reads a
-        step-0 keep marker as no box, so generation goes on to the box)."""
+                  stop_at_box: bool, stop_at_eos: bool, keep: str = "") -> list[StepResult]:
+        """``keep``: the keep marker that may end this step ("" at step 0, which has no box to keep: the env reads
+        a step-0 keep marker as no box, so generation goes on to the box)."""
         dev, B = self.device, len(self.rows)
         stop_ids = torch.tensor(self.layout.stop_ids if stop_at_eos else [-1], device=dev)
-        prompts = self.layout.prompts
-        stopper = BoxStopper(B, prompts.stop_box_requires_think, prompts.keep_marker if keep else "")
+        stopper = BoxStopper(B, self.layout.prompts.stop_box_requires_think, keep)
         gen: list[list[int]] = [[] for _ in range(B)]
         lps: list[list[float]] = [[] for _ in range(B)]
         why = ["length"] * B

@@ -257,7 +257,10 @@ class VLMPolicy(TrainablePolicy):
                     self._start_given(observations, histories, infos, allow_stop)
                 self._keep_running(histories)
                 self._check_continues(histories)
-                res = self.engine.refine(images, temp, sampling.max_new_tokens, sampling.stop_at_box)
+                # the env's keep marker (info["keep_marker"], None: off) ends a step that keeps its box
+                keep = next(((i.get("keep_marker") or "") for i in infos if "keep_marker" in i), None)
+                res = self.engine.refine(images, temp, sampling.max_new_tokens, sampling.stop_at_box,
+                                         keep_marker=keep)
         outs = []
         for r in res:
             raw = self.tokenizer.decode(r.token_ids, skip_special_tokens=True)

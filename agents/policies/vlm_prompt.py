@@ -66,7 +66,8 @@ class PromptConfig:
     keep_marker: str = "Keep it."
     """A refinement step whose text ends with this text (the last words of its reasoning, ``...Keep it.</think>``,
     or after it) is complete: the env keeps the previous box for it (``ivt_env`` ``keep_marker``, "Keeping a
-    box"). Empty: only a box ends a step."""
+    box"). Used only when the env does not say its own (``info["keep_marker"]``, which wins). Empty: only a box
+    ends a step."""
     stop_hint: str = ""
     """Adaptive refinement: appended to the step-0 question (after a space) only when the env allows stopping
     (``info["allow_stop"]``, trajectories with ``meta["allow_stop"]``); the question is unchanged otherwise.

@@ -15,6 +15,7 @@ INFO_KEYS = {
     "sample_id", "dataset", "source", "index", "gt_box", "gt_box_norm", "width", "height", "step",
     "max_steps", "box", "box_norm", "valid", "reason", "iou", "ious", "valids", "boxes_norm",
     "steps_used", "allow_stop",  # adaptive refinement (issue 14): refinement steps taken, whether stopping is on
+    "keep_marker",  # the text that keeps the previous box ("Keeping a box")
 }
 
 

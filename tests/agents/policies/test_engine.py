@@ -167,6 +167,9 @@ def test_the_keep_marker_ends_refinement_steps_only(tiny_q3):
     eng.filter.k = 0
     (r1,) = eng.refine([rand_image(1)], 0.0, 30)
     assert r1.stop == "box" and eng.layout.tokenizer.decode(r1.token_ids).endswith("Box fits. Keep it.</think>")
+    eng.filter.k = 0
+    (r2,) = eng.refine([rand_image(2)], 0.0, 30, keep_marker="")  # the env has keeping off: the box ends the step
+    assert eng.layout.tokenizer.decode(r2.token_ids).endswith("Keep it.</think> [1, 2, 3, 4]")
 
 
 def test_stop_without_think_requirement(tiny_q3):
