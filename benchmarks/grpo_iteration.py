@@ -25,7 +25,9 @@ encoding per observation per GRPO iteration (``VLMPolicy.encoding_cache``), the 
 (rollout and update), the patch embedding as a matmul, shared segments (prompt; step-0 answer + step-1 chunk of
 branch siblings) run once in the teacher-forced passes, uneven batches as two length buckets. "after_prefetch" (BC
 only): "after" plus the batches drawn and encoded in a worker process (:class:`agents.bc.data.Prefetcher`, option
-``prefetch``, off by default).
+``prefetch``, off by default). "after" also drops finished rows from the rollout engine's decode batch mid-step
+(``RolloutEngine.shrink_at``); "after_noshrink" (GRPO only, ``--grpo-noshrink 1``): "after" with the finished rows
+kept (``shrink_at = 0``), so ``shrink_speedup`` (after_noshrink / after) is what that buys, same run, same tokens.
 
     OMP_NUM_THREADS=1 python benchmarks/grpo_iteration.py --threads 1               # both parts, about 3 min
     OMP_NUM_THREADS=1 python benchmarks/grpo_iteration.py --part grpo --reps 2
@@ -65,11 +67,13 @@ class Clock:
             self.s[name] += time.perf_counter() - t0
 
 
-def set_mode(policy, after: bool) -> None:
+def set_mode(policy, after: bool, shrink: bool = True) -> None:
     from agents.policies import vision
+    from agents.policies.engine import RolloutEngine
 
     policy.layout.fast_encode = after
     vision.ENABLED = after
+    policy.engine.shrink_at = RolloutEngine.shrink_at if after and shrink else 0.0
 
 
 @contextlib.contextmanager
@@ -165,8 +169,9 @@ def grpo_part(args) -> dict:
     sampling = dataclasses.replace(SamplingParams.from_config(cfg), branch=cfg.branch_size)
     norm_len = cfg.max_new_tokens * (cfg.max_refine_steps + 1)
 
-    def iteration(it: int, after: bool, clock: Clock):
-        set_mode(policy, after)
+    def iteration(it: int, mode: str, clock: Clock):
+        after = mode != "before"
+        set_mode(policy, after, shrink=mode != "after_noshrink")
         cache = grpo_trainer._encoding_cache(policy) if after else contextlib.nullcontext()
         with instrument(clock, policy, optimizer), cache, clock.stage("total"):
             with clock.stage("collect"):
@@ -196,31 +201,38 @@ def grpo_part(args) -> dict:
         return stats, tokens
 
     n_img = {}
-    iteration(0, True, Clock())  # warm-up (not timed)
-    clocks = {"before": Clock(), "after": Clock()}
+    iteration(0, "after", Clock())  # warm-up (not timed)
+    modes = ["before", "after"] + (["after_noshrink"] if args.grpo_noshrink else [])
+    clocks = {m: Clock() for m in modes}
     checks = []
     for r in range(args.reps):
         it = 1 + r
         snap = snapshot(policy, optimizer)
         res = {}
         secs = {}
-        for mode in (("before", "after") if r % 2 == 0 else ("after", "before")):
+        for mode in (modes if r % 2 == 0 else modes[::-1]):
             restore(policy, optimizer, snap)
             hits0 = policy.layout.cache_hits
             t_before = clocks[mode].s["total"]
-            stats, tokens = iteration(it, mode == "after", clocks[mode])
+            stats, tokens = iteration(it, mode, clocks[mode])
             secs[mode] = clocks[mode].s["total"] - t_before
             n_img[mode] = policy.layout.cache_hits - hits0
             res[mode] = (stats, tokens, {k: v.detach().clone() for k, v in policy.model.state_dict().items()})
-        (sb, tb, pb), (sa, ta, pa) = res["before"], res["after"]
-        same_tok = sum(x == y for x, y in zip(tb, ta)) / max(len(tb), 1)
-        checks.append({"iteration": it, "same_step_tokens": round(same_tok, 4), "loss_before": sb.loss,
-                       "loss_after": sa.loss, "grad_norm_before": sb.grad_norm, "grad_norm_after": sa.grad_norm,
-                       "max_param_diff": max_param_diff(pb, pa) if same_tok == 1.0 else None,
-                       "iteration_speedup": round(secs["before"] / secs["after"], 2)})
+        sb, tb, pb = res["before"]
+        for mode in modes[1:]:
+            sa, ta, pa = res[mode]
+            same_tok = sum(x == y for x, y in zip(tb, ta)) / max(len(tb), 1)
+            sfx = "" if mode == "after" else "_" + mode
+            checks.append({"iteration": it, "mode": mode, "same_step_tokens": round(same_tok, 4),
+                           "loss_before": sb.loss, f"loss{sfx or '_after'}": sa.loss,
+                           "grad_norm_before": sb.grad_norm, f"grad_norm{sfx or '_after'}": sa.grad_norm,
+                           "max_param_diff": max_param_diff(pb, pa) if same_tok == 1.0 else None,
+                           "iteration_speedup": round(secs["before"] / secs[mode], 2)})
+        if "after_noshrink" in secs:
+            checks[-1]["shrink_speedup"] = round(secs["after_noshrink"] / secs["after"], 3)
         # continue from the "after" weights
     set_mode(policy, True)
-    out = {"config": "grpo_cpu.yaml", "reps": args.reps, "checks": checks,
+    out = {"config": "grpo_cpu.yaml", "reps": args.reps, "modes": modes, "checks": checks,
            "fast_encode_kept": bool(policy.layout.fast_encode), "encode_memo_hits_per_iteration": n_img.get("after")}
     return {**out, **summarise(clocks, args.reps, "iteration_s")}
 
@@ -239,6 +251,9 @@ def summarise(clocks: dict, n: int, total_name: str) -> dict:
         a = out[mode]
         key = "speedup" if mode == "after" else f"speedup_{mode}"
         out[key] = {k: round(b[k] / a[k], 2) for k in b if k in a and a[k] > 1e-4 and b[k] > 1e-4}
+    if "after_noshrink" in out:  # what dropping finished rows from the decode batch buys, everything else equal
+        a, n = out["after"], out["after_noshrink"]
+        out["shrink_speedup"] = {k: round(n[k] / a[k], 3) for k in a if k in n and a[k] > 1e-4 and n[k] > 1e-4}
     return out
 
 
@@ -327,6 +342,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bc-prefetch", type=int, default=1, help="1: also measure BC with the prefetch worker "
                     "(after_prefetch)")
+    ap.add_argument("--grpo-noshrink", type=int, default=1, help="1: also measure GRPO with finished rows kept "
+                    "in the rollout engine's decode batch (after_noshrink: RolloutEngine.shrink_at = 0)")
     ap.add_argument("--grpo-args", default="", help="extra `agents.grpo train` options in one string, e.g. "
                     "'--beta 0'")
     ap.add_argument("--bc-args", default="", help="extra `agents.bc train` options in one string")
