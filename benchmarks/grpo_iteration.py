@@ -6,8 +6,11 @@ a noisy machine even when the seconds do not.
 GRPO (``--part grpo``): the default run (configs/grpo_cpu.yaml: 8 prompts x N = 6, T = 2, branch 3, beta 0.04, from
 assets/tiny-ivt-bc). Each repetition runs iteration ``it`` twice from the SAME weights and optimizer state: once
 "before" and once "after", and checks that both give the same rollout tokens, loss, gradient norm and updated
-weights. Stages (seconds per iteration): ``collect`` (rollouts, rewards), ``advantages``, ``reference_pass`` and
-``policy_forward`` (teacher-forced passes, encoding excluded), ``encode`` (building the training sequences of the
+weights. The iteration is the trainer's own (``agents.grpo.trainer._iteration``, teacher guidance as
+configured). Stages (seconds per iteration): ``collect`` (rollouts, rewards), ``advantages`` (with the guidance
+sequences), ``reference_pass`` and
+``policy_forward`` (teacher-forced passes, encoding excluded), ``guide_forward`` (the teacher-guidance
+cross-entropy's forward), ``encode`` (building the training sequences of the
 update: image processor, ids), ``loss``, ``backward``, ``optimizer`` (clip + AdamW), ``logging`` (the rollout
 metrics of the log line), ``other`` (the rest of the update).
 
@@ -86,6 +89,13 @@ def patched(obj, name, wrapper):
         setattr(obj, name, orig)
 
 
+def timed(clock: Clock, name: str, fn):
+    def f(*a, **k):
+        with clock.stage(name):
+            return fn(*a, **k)
+    return f
+
+
 @contextlib.contextmanager
 def instrument(clock: Clock, policy, optimizer):
     """Time encode_trajectory, the teacher-forced passes, backward and the optimizer without touching the code."""
@@ -105,6 +115,15 @@ def instrument(clock: Clock, policy, optimizer):
             return out
         return f
 
+    def bcl(orig):  # the teacher-guidance cross-entropy's forward (GRPO guide_coef), encoding excluded
+        def f(*a, **k):
+            before = clock.s["encode"]
+            t0 = time.perf_counter()
+            out = orig(*a, **k)
+            clock.s["guide_forward"] += time.perf_counter() - t0 - (clock.s["encode"] - before)
+            return out
+        return f
+
     def bwd(orig):
         def f(self, *a, **k):
             with clock.stage("backward"):
@@ -120,6 +139,7 @@ def instrument(clock: Clock, policy, optimizer):
     with contextlib.ExitStack() as stack:
         stack.enter_context(patched(policy, "encode_trajectory", enc))
         stack.enter_context(patched(policy, "token_logprobs", tlp))
+        stack.enter_context(patched(policy, "bc_loss", bcl))
         stack.enter_context(patched(torch.Tensor, "backward", bwd))
         stack.enter_context(patched(optimizer, "step", opt))
         stack.enter_context(patched(torch.nn.utils, "clip_grad_norm_", opt))
@@ -144,17 +164,13 @@ def grpo_part(args) -> dict:
     import dataclasses
 
     from agents.common.config import parse_train_command
-    from agents.common.seeding import derive_seed, seed_everything
+    from agents.common.distributed import DistInfo
+    from agents.common.seeding import seed_everything
     from agents.evaluate.metrics import compute_metrics
     from agents.grpo import trainer as grpo_trainer
-    from agents.grpo.advantages import compute_advantages
     from agents.grpo.config import GRPOConfig
-    from agents.grpo.guidance import guidance_trajectories
-    from agents.grpo.setup import (build_policy, env_factory, grounded_area_fraction, group_trajectories,
-                                   make_optimizer, sample_prompts, split_size, strip_for_gather)
-    from agents.grpo.step_credit import update_advantages
-    from agents.grpo.update import policy_update
-    from agents.policies.base import BCLossOptions, SamplingParams
+    from agents.grpo.setup import build_policy, env_factory, make_optimizer, split_size, strip_for_gather
+    from agents.policies.base import SamplingParams
     from rollouts.collector import Collector
 
     cfg = parse_train_command(["train"] + args.grpo_args, GRPOConfig, default_config="grpo_cpu.yaml", prog="bench",
@@ -170,33 +186,26 @@ def grpo_part(args) -> dict:
     norm_len = cfg.max_new_tokens * (cfg.max_refine_steps + 1)
 
     def iteration(it: int, mode: str, clock: Clock):
+        """The trainer's own iteration (``grpo_trainer._iteration``: collect, advantages, guidance, update), its
+        stages timed by wrapping the collector and the update; ``advantages`` is the rest (rewards, advantages,
+        guidance sequences)."""
         after = mode != "before"
         set_mode(policy, after, shrink=mode != "after_noshrink")
         cache = grpo_trainer._encoding_cache(policy) if after else contextlib.nullcontext()
-        with instrument(clock, policy, optimizer), cache, clock.stage("total"):
-            with clock.stage("collect"):
-                prompts = sample_prompts(n_train, cfg.prompts_per_iter, derive_seed(cfg.seed, 0, it, 1))
-                trajs = collector.collect(policy, prompts, cfg.group_size, sampling,
-                                          seed=derive_seed(cfg.seed, 0, it, 2), keep_observations=True)
-                groups = group_trajectories(trajs, cfg.group_size)
-            with clock.stage("advantages"):
-                rewards = torch.tensor([[t.ret for t in g] for g in groups], dtype=torch.float64)
-                scales = torch.tensor([[grounded_area_fraction(t) for t in g] for g in groups], dtype=torch.float64)
-                adv = compute_advantages(cfg.advantage, rewards, scales=scales, eps=cfg.adv_eps,
-                                         population_std=cfg.population_std, num_bins=cfg.srpo_bins)
-                batch = [t for g in groups for t in g]
-                upd_adv = update_advantages(cfg, groups, rewards, adv)
-                guide = guidance_trajectories(batch, verbosity=cfg.guide_verbosity) if cfg.guide_coef else []
-            with clock.stage("update"):
-                stats = policy_update(policy, optimizer, batch, upd_adv, grad_accum=cfg.grad_accum,
-                                      updates=cfg.updates_per_iter, beta=cfg.beta, entropy_coef=cfg.entropy_coef,
-                                      kl_estimator=cfg.kl_estimator, clip_eps=cfg.clip_eps,
-                                      old_logprobs=cfg.old_logprobs, aggregation=cfg.aggregation, norm_len=norm_len,
-                                      max_grad_norm=cfg.max_grad_norm, entropy_aggregation=cfg.entropy_aggregation,
-                                      guide_coef=cfg.guide_coef, guide=guide,
-                                      guide_options=BCLossOptions(number_sigma=cfg.guide_sigma, clone_start=True))
-            with clock.stage("logging"):
-                compute_metrics([strip_for_gather(t) for t in batch])
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(instrument(clock, policy, optimizer))
+            stack.enter_context(patched(collector, "collect", lambda f: timed(clock, "collect", f)))
+            stack.enter_context(patched(grpo_trainer, "policy_update", lambda f: timed(clock, "update", f)))
+            stack.enter_context(cache)
+            t0 = time.perf_counter()
+            c0, u0 = clock.s["collect"], clock.s["update"]
+            with clock.stage("total"):
+                stats, _, _, batch, _, _ = grpo_trainer._iteration(cfg, it, policy, optimizer, collector, sampling,
+                                                                   n_train, DistInfo(), norm_len)
+                clock.s["advantages"] += (time.perf_counter() - t0) - (clock.s["collect"] - c0) - (
+                    clock.s["update"] - u0)
+                with clock.stage("logging"):
+                    compute_metrics([strip_for_gather(t) for t in batch])
         tokens = [tuple(s.token_ids) for t in batch for s in t.steps]
         return stats, tokens
 
@@ -242,7 +251,7 @@ def summarise(clocks: dict, n: int, total_name: str) -> dict:
     for mode, c in clocks.items():
         s = {k: v / n for k, v in c.s.items()}
         if "update" in s:  # the update's parts; "other" = its remainder (loss, bookkeeping)
-            parts = ("reference_pass", "policy_forward", "encode", "backward", "optimizer")
+            parts = ("reference_pass", "policy_forward", "guide_forward", "encode", "backward", "optimizer")
             s["update_other"] = s["update"] - sum(s.get(k, 0.0) for k in parts)
         s[total_name] = s.pop("total")
         out[mode] = {k: round(v, 4) for k, v in sorted(s.items())}
