@@ -29,8 +29,9 @@ encoding per observation per GRPO iteration (``VLMPolicy.encoding_cache``), the 
 branch siblings) run once in the teacher-forced passes, uneven batches as two length buckets. "after_prefetch" (BC
 only): "after" plus the batches drawn and encoded in a worker process (:class:`agents.bc.data.Prefetcher`, option
 ``prefetch``, off by default). "after" also drops finished rows from the rollout engine's decode batch mid-step
-(``RolloutEngine.shrink_at``); "after_noshrink" (GRPO only, ``--grpo-noshrink 1``): "after" with the finished rows
-kept (``shrink_at = 0``), so ``shrink_speedup`` (after_noshrink / after) is what that buys, same run, same tokens.
+(``RolloutEngine.shrink_at``) and runs its decode forwards through the text layers directly (``lean_decode``);
+"after_noshrink" (GRPO only, ``--grpo-noshrink 1``): "after" with the finished rows kept (``shrink_at = 0``), so
+``shrink_speedup`` (after_noshrink / after) is what that buys, same run, same tokens.
 
     OMP_NUM_THREADS=1 python benchmarks/grpo_iteration.py --threads 1               # both parts, about 3 min
     OMP_NUM_THREADS=1 python benchmarks/grpo_iteration.py --part grpo --reps 2
@@ -77,6 +78,7 @@ def set_mode(policy, after: bool, shrink: bool = True) -> None:
     policy.layout.fast_encode = after
     vision.ENABLED = after
     policy.engine.shrink_at = RolloutEngine.shrink_at if after and shrink else 0.0
+    policy.engine.lean_decode = after
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ sampling at temperature 1.0 (step 0) / 0.7 (refinements).
   engine's KV-cache reuse and in-turn injection buy.
 - naive: each trajectory alone; at every step the WHOLE prefix (all images, all previous text) is re-encoded and
   ``model.generate`` produces the step (its own KV cache inside the step only).
+- engine_nolean_s: the engine with its decode forwards through the full model call (``lean_decode`` off).
 - ``--uneven``: each row's step ends after its own number of tokens (the same on every side), as boxes and keep
   markers make it in GRPO; ``engine_noshrink_s``: the engine with finished rows kept in its decode batch.
 - limit: the time the engine's run spent inside its model forward passes (prefills and decode steps), i.e. the same
@@ -313,6 +314,14 @@ def main(argv=None) -> int:
     _sync(device)
     engine_s = time.perf_counter() - t0
     limit_s = fwd.seconds
+    lean, policy.engine.lean_decode = policy.engine.lean_decode, False  # same run: the decode fast path off
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        nolean_tok = engine_rollouts(policy, images, expressions, args.steps, args.new_tokens, temps, lengths)
+    _sync(device)
+    nolean_s = time.perf_counter() - t0
+    policy.engine.lean_decode = lean
+    assert nolean_tok == eng_tok
     noshrink_s = None
     if args.uneven:
         shrink_at, policy.engine.shrink_at = policy.engine.shrink_at, 0.0
@@ -351,6 +360,8 @@ def main(argv=None) -> int:
         "tokens": eng_tok,
         "batched_tokens": batched_tok,
         "uneven": args.uneven,
+        "engine_nolean_s": round(nolean_s, 4),
+        "lean_speedup": round(nolean_s / engine_s, 3),
         "engine_noshrink_s": None if noshrink_s is None else round(noshrink_s, 4),
         "shrink_speedup": None if noshrink_s is None else round(noshrink_s / engine_s, 3),
         "noshrink_speedup_vs_batched": None if noshrink_s is None else round(batched_s / noshrink_s, 3),

@@ -279,3 +279,21 @@ def test_finished_rows_leave_the_decode_batch(tiny_q3):
     for a, b in zip(runs[0.25][0] + runs[0.25][1], runs[0.0][0] + runs[0.0][1]):
         assert a.token_ids == b.token_ids and a.stop == b.stop
         assert np.allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_lean_decode_equals_the_full_model_call(tiny_any):
+    """The decode fast path (the text layers called directly) gives the tokens and log-probs of the model's own
+    forward (``lean_decode = False``), same seed, sampled and greedy steps, both model families."""
+    out = {}
+    for lean in (True, False):
+        eng = make_engine(tiny_any)
+        assert eng._lean_model() is not None  # the fast path applies to the tiny models (else this test is void)
+        eng.lean_decode = lean
+        eng.seed(1)
+        images, exprs = batch_inputs()
+        r0 = eng.start(images, exprs, 1.0, 10)
+        r1 = eng.refine([rand_image(60 + i, *im.shape[:2]) for i, im in enumerate(images)], 0.0, 8)
+        out[lean] = r0 + r1
+    for a, b in zip(out[True], out[False]):
+        assert a.token_ids == b.token_ids and a.stop == b.stop
+        assert np.allclose(a.logprobs, b.logprobs, atol=1e-5)
