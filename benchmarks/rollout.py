@@ -17,8 +17,9 @@ sampling at temperature 1.0 (step 0) / 0.7 (refinements).
 - limit: the time the engine's run spent inside its model forward passes (prefills and decode steps), i.e. the same
   forwards without sampling, stopping or bookkeeping; ``engine_s / limit_s`` is the engine's overhead.
 
-Output: ``{"engine_s", "batched_s", "naive_s", "limit_s", "speedup_vs_batched", "speedup" (vs naive),
-"engine_overhead", ...}`` plus the peak GPU memory on CUDA. Default: the tiny Qwen3-VL on CPU (goals: >= 1.5x the
+Each of the engine and batched variants runs ``--reps`` times in rotated orders (means reported; the machine is
+noisy), the naive one once. Output: ``{"engine_s", "batched_s", "naive_s", "limit_s", "speedup_vs_batched",
+"speedup" (vs naive), "engine_overhead", ...}`` plus the peak GPU memory on CUDA. Default: the tiny Qwen3-VL on CPU (goals: >= 1.5x the
 batched baseline, >= 4x the naive one). GPU runs (not needed by CI)::
 
     python benchmarks/rollout.py --shape qwen3vl-4b --device cuda                    # bf16, random 4B-shaped model
@@ -28,6 +29,7 @@ batched baseline, >= 4x the naive one). GPU runs (not needed by CI)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -266,6 +268,8 @@ def main(argv=None) -> int:
                     help="each row's step ends (an end-of-turn id) after its own number of tokens, uniform in "
                          "[new_tokens / 8, new_tokens], the same on every side; adds engine_noshrink_s (finished "
                          "rows kept in the engine's decode batch: RolloutEngine.shrink_at = 0)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of the engine / batched runs, in rotated "
+                    "orders; the figures are their means (the naive baseline runs once)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -307,37 +311,44 @@ def main(argv=None) -> int:
     batched_rollouts(policy, images[:2], expressions[:2], 1, 4, temps)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    _sync(device)
-    t0 = time.perf_counter()
-    with torch.no_grad(), ForwardTimer(policy.engine, device) as fwd:
-        eng_tok = engine_rollouts(policy, images, expressions, args.steps, args.new_tokens, temps, lengths)
-    _sync(device)
-    engine_s = time.perf_counter() - t0
-    limit_s = fwd.seconds
-    lean, policy.engine.lean_decode = policy.engine.lean_decode, False  # same run: the decode fast path off
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        nolean_tok = engine_rollouts(policy, images, expressions, args.steps, args.new_tokens, temps, lengths)
-    _sync(device)
-    nolean_s = time.perf_counter() - t0
-    policy.engine.lean_decode = lean
-    assert nolean_tok == eng_tok
-    noshrink_s = None
+    eng = policy.engine
+    # name -> (engine switches, runner); each repetition runs them in a rotated order (a noisy machine: the ratios
+    # of the summed times), every variant on the same tokens
+    variants = {"engine": ({}, engine_rollouts), "engine_nolean": ({"lean_decode": False}, engine_rollouts),
+                "batched": ({}, batched_rollouts)}
     if args.uneven:
-        shrink_at, policy.engine.shrink_at = policy.engine.shrink_at, 0.0
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            noshrink_tok = engine_rollouts(policy, images, expressions, args.steps, args.new_tokens, temps, lengths)
-        _sync(device)
-        noshrink_s = time.perf_counter() - t0
-        policy.engine.shrink_at = shrink_at
-        assert noshrink_tok == eng_tok
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        batched_tok = batched_rollouts(policy, images, expressions, args.steps, args.new_tokens, temps, lengths)
-    _sync(device)
-    batched_s = time.perf_counter() - t0
-    engine_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+        variants["engine_noshrink"] = ({"shrink_at": 0.0}, engine_rollouts)
+    secs = {k: 0.0 for k in variants}
+    toks: dict = {}
+    limit_s, engine_peak = 0.0, None
+    for r in range(args.reps):
+        names = list(variants)
+        names = names[r % len(names):] + names[: r % len(names)]
+        for name in names:
+            switches, runner = variants[name]
+            saved = {k: getattr(eng, k) for k in switches}
+            for k, v in switches.items():
+                setattr(eng, k, v)
+            timer = ForwardTimer(eng, device) if name == "engine" else contextlib.nullcontext()
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.no_grad(), timer:
+                toks[name] = runner(policy, images, expressions, args.steps, args.new_tokens, temps, lengths)
+            _sync(device)
+            secs[name] += time.perf_counter() - t0
+            for k, v in saved.items():
+                setattr(eng, k, v)
+            if name == "engine":
+                limit_s += timer.seconds
+                if device.type == "cuda" and engine_peak is None:
+                    engine_peak = torch.cuda.max_memory_allocated() / 2**30
+    if len(set(toks.values())) != 1:
+        raise AssertionError(f"the variants generated different token counts: {toks}")
+    secs = {k: v / args.reps for k, v in secs.items()}
+    limit_s /= args.reps
+    engine_s, batched_s, nolean_s = secs["engine"], secs["batched"], secs["engine_nolean"]
+    noshrink_s = secs.get("engine_noshrink")
+    eng_tok = batched_tok = toks["engine"]
     k = args.naive_trajectories or len(images)
     t0 = time.perf_counter()
     with torch.no_grad():
