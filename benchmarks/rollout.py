@@ -19,8 +19,8 @@ sampling at temperature 1.0 (step 0) / 0.7 (refinements).
 
 Each of the engine and batched variants runs ``--reps`` times in rotated orders (means reported; the machine is
 noisy), the naive one once. Output: ``{"engine_s", "batched_s", "naive_s", "limit_s", "speedup_vs_batched",
-"speedup" (vs naive), "engine_overhead", ...}`` plus the peak GPU memory on CUDA. Default: the tiny Qwen3-VL on CPU (goals: >= 1.5x the
-batched baseline, >= 4x the naive one). GPU runs (not needed by CI)::
+"speedup" (vs naive), "engine_overhead", ...}`` plus the peak GPU memory on CUDA. Default: the tiny Qwen3-VL on
+CPU (goals: >= 1.5x the batched baseline, >= 4x the naive one). GPU runs (not needed by CI)::
 
     python benchmarks/rollout.py --shape qwen3vl-4b --device cuda                    # bf16, random 4B-shaped model
     python benchmarks/rollout.py --shape qwen3vl-4b --device cuda --load-in-4bit --lora-rank 64

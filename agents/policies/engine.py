@@ -11,10 +11,10 @@ then the cache is forked along the batch (:meth:`RolloutEngine.fork`) and each r
 Layout inside the cache: every chunk is right-padded to the batch's widest chunk, and rows that stop early keep
 feeding masked pad tokens until a quarter of the decode batch has finished; then the finished rows leave the decode
 batch (their cache rows copied out, ``RolloutEngine.shrink_at``) and the full batch is rebuilt at the end of the step
-with zero keys / values under mask 0 where they were absent. So the cache has masked "holes" (attention mask 0). Holes never break attention: every
-hole position has real tokens before it (the prompt), so no query row is fully masked (no NaN), and masked keys get
-zero weight. Positions are explicit (DESIGN.md, measured): multimodal rope positions ``(3, B, L)`` computed per
-chunk with the model's own ``get_rope_index`` (shift-invariant, so a chunk's positions are its local positions
+with zero keys / values under mask 0 where they were absent. So the cache has masked "holes" (attention mask 0).
+Holes never break attention: every hole position has real tokens before it (the prompt), so no query row is fully
+masked (no NaN), and masked keys get zero weight. Positions are explicit (DESIGN.md, measured): multimodal rope
+positions ``(3, B, L)`` computed per chunk with the model's own ``get_rope_index`` (shift-invariant, so a chunk's positions are its local positions
 plus the row's next position), text tokens continue at ``max position + 1``. ``pixel_values`` of the NEW images
 only are passed with each chunk. A test checks that tokens (greedy) and log-probs equal a plain full re-encode.
 
@@ -36,7 +36,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from agents.policies.kv_cache import cache_rows, growing_cache, sample_inverse_cdf, write_rows
+from agents.policies.kv_cache import (cache_kw, cache_rows, growing_cache, lean_decode_hidden, lean_text_model,
+                                     sample_inverse_cdf, write_rows)
 from agents.policies.vision import vision_inputs
 
 from agents.policies.vlm_prompt import BoxStopper, Chunk, PromptLayout, mm_token_types
@@ -87,7 +88,7 @@ class RolloutEngine:
     ``.model.get_rope_index``)."""
 
     shrink_at = 0.25  # finished fraction of the decode batch that makes it drop its finished rows (0: never)
-    lean_decode = True  # decode forwards through the text model's layer loop (:meth:`_lean_decode`)
+    lean_decode = True  # decode forwards through the text model's layer loop (kv_cache.lean_decode_hidden)
 
     def __init__(self, model: Any, layout: PromptLayout, logit_filter: LogitFilter) -> None:
         self.model = model
@@ -230,45 +231,20 @@ class RolloutEngine:
                  last_cols: torch.Tensor) -> torch.Tensor:
         """Append ``ids`` (B, W) to the cache; return logits (B, V) at column ``last_cols[b]`` of each row.
         ``vision``: the image keyword arguments (:func:`agents.policies.vision.vision_inputs`), None for none."""
-        lm = self._lean_model() if vision is None and ids.shape[1] == 1 else None
+        lm = lean_text_model(self.model) if self.lean_decode and vision is None and ids.shape[1] == 1 else None
         if lm is not None:
-            hidden = self._lean_decode(lm, ids, pos)
+            hidden = lean_decode_hidden(lm, ids, pos, self.attn, self.cache)  # (B, 1, H)
         else:
             hidden = self.model.model(
                 input_ids=ids,
                 attention_mask=self.attn,
                 position_ids=pos,
-                cache=self.cache,
                 use_cache=True,
+                **{cache_kw(self.model.model): self.cache},  # cache / past_key_values: by transformers version
                 **(vision or {}),
             ).last_hidden_state  # (B, W, H)
         h = hidden[torch.arange(ids.shape[0], device=ids.device), last_cols]  # (B, H)
         return self.model.lm_head(h)
-
-    def _lean_model(self) -> Any:
-        """The text decoder for :meth:`_lean_decode`, or None where its assumptions do not hold (the switch
-        :attr:`lean_decode` off, another attention implementation (eager adds the mask, flash wants none), sliding
-        layers, another module layout)."""
-        lm = getattr(self.model.model, "language_model", None)
-        cfg = getattr(lm, "config", None)
-        if (not self.lean_decode or cfg is None or getattr(cfg, "_attn_implementation", None) != "sdpa"
-                or set(getattr(cfg, "layer_types", None) or ["full_attention"]) != {"full_attention"}
-                or not all(hasattr(lm, a) for a in ("embed_tokens", "rotary_emb", "layers", "norm"))):
-            return None
-        return lm
-
-    def _lean_decode(self, lm: Any, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, 1, H) of one decode token per row: the text model's own layer loop without its
-        wrappers (output capturing, argument checks, mask construction: about 12% of a tiny-model decode forward on
-        CPU). One query per row sees every cached key its mask allows, so the mask is the padding mask itself,
-        ``(B, 1, 1, L)`` bool (what ``create_causal_mask`` builds for sdpa when the query is the last position)."""
-        x = lm.embed_tokens(ids)  # (B, 1, H)
-        mask = self.attn[:, None, None, :].bool()
-        rope = lm.rotary_emb(x, pos)  # pos (3, B, 1): multimodal rope sections (text tokens: equal rows)
-        for layer in lm.layers:
-            x = layer(x, attention_mask=mask, position_ids=None, cache=self.cache, use_cache=True,
-                      position_embeddings=rope)
-        return lm.norm(x)
 
     def _append_chunks(self, chunks: Sequence[Chunk]) -> None:
         """Feed each row's pending generated ids + its chunk, right-padded to one width."""
