@@ -14,9 +14,9 @@ batch (their cache rows copied out, ``RolloutEngine.shrink_at``) and the full ba
 with zero keys / values under mask 0 where they were absent. So the cache has masked "holes" (attention mask 0).
 Holes never break attention: every hole position has real tokens before it (the prompt), so no query row is fully
 masked (no NaN), and masked keys get zero weight. Positions are explicit (DESIGN.md, measured): multimodal rope
-positions ``(3, B, L)`` computed per chunk with the model's own ``get_rope_index`` (shift-invariant, so a chunk's positions are its local positions
-plus the row's next position), text tokens continue at ``max position + 1``. ``pixel_values`` of the NEW images
-only are passed with each chunk. A test checks that tokens (greedy) and log-probs equal a plain full re-encode.
+positions ``(3, B, L)`` computed per chunk with the model's own ``get_rope_index`` (shift-invariant, so a chunk's
+positions are its local positions plus the row's next position), text tokens continue at ``max position + 1``.
+``pixel_values`` of the NEW images only are passed with each chunk. A test checks that tokens (greedy) and log-probs equal a plain full re-encode.
 
 Log-probs are those of the distribution each token was drawn from: ``log_softmax(logits / T)`` at the step's
 sampling temperature T (greedy steps are scored at T = 1), i.e. exactly what :meth:`VLMPolicy.token_logprobs`
