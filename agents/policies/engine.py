@@ -16,7 +16,8 @@ Holes never break attention: every hole position has real tokens before it (the 
 masked (no NaN), and masked keys get zero weight. Positions are explicit (DESIGN.md, measured): multimodal rope
 positions ``(3, B, L)`` computed per chunk with the model's own ``get_rope_index`` (shift-invariant, so a chunk's
 positions are its local positions plus the row's next position), text tokens continue at ``max position + 1``.
-``pixel_values`` of the NEW images only are passed with each chunk. A test checks that tokens (greedy) and log-probs equal a plain full re-encode.
+``pixel_values`` of the NEW images only are passed with each chunk. A test checks that tokens (greedy) and
+log-probs equal a plain full re-encode.
 
 Log-probs are those of the distribution each token was drawn from: ``log_softmax(logits / T)`` at the step's
 sampling temperature T (greedy steps are scored at T = 1), i.e. exactly what :meth:`VLMPolicy.token_logprobs`
