@@ -6,8 +6,11 @@ a noisy machine even when the seconds do not.
 GRPO (``--part grpo``): the default run (configs/grpo_cpu.yaml: 8 prompts x N = 6, T = 2, branch 3, beta 0.04, from
 assets/tiny-ivt-bc). Each repetition runs iteration ``it`` twice from the SAME weights and optimizer state: once
 "before" and once "after", and checks that both give the same rollout tokens, loss, gradient norm and updated
-weights. Stages (seconds per iteration): ``collect`` (rollouts, rewards), ``advantages``, ``reference_pass`` and
-``policy_forward`` (teacher-forced passes, encoding excluded), ``encode`` (building the training sequences of the
+weights. The iteration is the trainer's own (``agents.grpo.trainer._iteration``, teacher guidance as
+configured). Stages (seconds per iteration): ``collect`` (rollouts, rewards), ``advantages`` (with the guidance
+sequences), ``reference_pass`` and
+``policy_forward`` (teacher-forced passes, encoding excluded), ``guide_forward`` (the teacher-guidance
+cross-entropy's forward), ``encode`` (building the training sequences of the
 update: image processor, ids), ``loss``, ``backward``, ``optimizer`` (clip + AdamW), ``logging`` (the rollout
 metrics of the log line), ``other`` (the rest of the update).
 
@@ -25,7 +28,10 @@ encoding per observation per GRPO iteration (``VLMPolicy.encoding_cache``), the 
 (rollout and update), the patch embedding as a matmul, shared segments (prompt; step-0 answer + step-1 chunk of
 branch siblings) run once in the teacher-forced passes, uneven batches as two length buckets. "after_prefetch" (BC
 only): "after" plus the batches drawn and encoded in a worker process (:class:`agents.bc.data.Prefetcher`, option
-``prefetch``, off by default).
+``prefetch``, off by default). "after" also drops finished rows from the rollout engine's decode batch mid-step
+(``RolloutEngine.shrink_at``) and runs its decode forwards through the text layers directly (``lean_decode``);
+"after_noshrink" (GRPO only, ``--grpo-noshrink 1``): "after" with the finished rows kept (``shrink_at = 0``), so
+``shrink_speedup`` (after_noshrink / after) is what that buys, same run, same tokens.
 
     OMP_NUM_THREADS=1 python benchmarks/grpo_iteration.py --threads 1               # both parts, about 3 min
     OMP_NUM_THREADS=1 python benchmarks/grpo_iteration.py --part grpo --reps 2
@@ -65,11 +71,14 @@ class Clock:
             self.s[name] += time.perf_counter() - t0
 
 
-def set_mode(policy, after: bool) -> None:
+def set_mode(policy, after: bool, shrink: bool = True) -> None:
     from agents.policies import vision
+    from agents.policies.engine import RolloutEngine
 
     policy.layout.fast_encode = after
     vision.ENABLED = after
+    policy.engine.shrink_at = RolloutEngine.shrink_at if after and shrink else 0.0
+    policy.engine.lean_decode = after
 
 
 @contextlib.contextmanager
@@ -80,6 +89,13 @@ def patched(obj, name, wrapper):
         yield
     finally:
         setattr(obj, name, orig)
+
+
+def timed(clock: Clock, name: str, fn):
+    def f(*a, **k):
+        with clock.stage(name):
+            return fn(*a, **k)
+    return f
 
 
 @contextlib.contextmanager
@@ -101,6 +117,15 @@ def instrument(clock: Clock, policy, optimizer):
             return out
         return f
 
+    def bcl(orig):  # the teacher-guidance cross-entropy's forward (GRPO guide_coef), encoding excluded
+        def f(*a, **k):
+            before = clock.s["encode"]
+            t0 = time.perf_counter()
+            out = orig(*a, **k)
+            clock.s["guide_forward"] += time.perf_counter() - t0 - (clock.s["encode"] - before)
+            return out
+        return f
+
     def bwd(orig):
         def f(self, *a, **k):
             with clock.stage("backward"):
@@ -116,6 +141,7 @@ def instrument(clock: Clock, policy, optimizer):
     with contextlib.ExitStack() as stack:
         stack.enter_context(patched(policy, "encode_trajectory", enc))
         stack.enter_context(patched(policy, "token_logprobs", tlp))
+        stack.enter_context(patched(policy, "bc_loss", bcl))
         stack.enter_context(patched(torch.Tensor, "backward", bwd))
         stack.enter_context(patched(optimizer, "step", opt))
         stack.enter_context(patched(torch.nn.utils, "clip_grad_norm_", opt))
@@ -140,17 +166,13 @@ def grpo_part(args) -> dict:
     import dataclasses
 
     from agents.common.config import parse_train_command
-    from agents.common.seeding import derive_seed, seed_everything
+    from agents.common.distributed import DistInfo
+    from agents.common.seeding import seed_everything
     from agents.evaluate.metrics import compute_metrics
     from agents.grpo import trainer as grpo_trainer
-    from agents.grpo.advantages import compute_advantages
     from agents.grpo.config import GRPOConfig
-    from agents.grpo.guidance import guidance_trajectories
-    from agents.grpo.setup import (build_policy, env_factory, grounded_area_fraction, group_trajectories,
-                                   make_optimizer, sample_prompts, split_size, strip_for_gather)
-    from agents.grpo.step_credit import update_advantages
-    from agents.grpo.update import policy_update
-    from agents.policies.base import BCLossOptions, SamplingParams
+    from agents.grpo.setup import build_policy, env_factory, make_optimizer, split_size, strip_for_gather
+    from agents.policies.base import SamplingParams
     from rollouts.collector import Collector
 
     cfg = parse_train_command(["train"] + args.grpo_args, GRPOConfig, default_config="grpo_cpu.yaml", prog="bench",
@@ -165,62 +187,63 @@ def grpo_part(args) -> dict:
     sampling = dataclasses.replace(SamplingParams.from_config(cfg), branch=cfg.branch_size)
     norm_len = cfg.max_new_tokens * (cfg.max_refine_steps + 1)
 
-    def iteration(it: int, after: bool, clock: Clock):
-        set_mode(policy, after)
+    def iteration(it: int, mode: str, clock: Clock):
+        """The trainer's own iteration (``grpo_trainer._iteration``: collect, advantages, guidance, update), its
+        stages timed by wrapping the collector and the update; ``advantages`` is the rest (rewards, advantages,
+        guidance sequences)."""
+        after = mode != "before"
+        set_mode(policy, after, shrink=mode != "after_noshrink")
         cache = grpo_trainer._encoding_cache(policy) if after else contextlib.nullcontext()
-        with instrument(clock, policy, optimizer), cache, clock.stage("total"):
-            with clock.stage("collect"):
-                prompts = sample_prompts(n_train, cfg.prompts_per_iter, derive_seed(cfg.seed, 0, it, 1))
-                trajs = collector.collect(policy, prompts, cfg.group_size, sampling,
-                                          seed=derive_seed(cfg.seed, 0, it, 2), keep_observations=True)
-                groups = group_trajectories(trajs, cfg.group_size)
-            with clock.stage("advantages"):
-                rewards = torch.tensor([[t.ret for t in g] for g in groups], dtype=torch.float64)
-                scales = torch.tensor([[grounded_area_fraction(t) for t in g] for g in groups], dtype=torch.float64)
-                adv = compute_advantages(cfg.advantage, rewards, scales=scales, eps=cfg.adv_eps,
-                                         population_std=cfg.population_std, num_bins=cfg.srpo_bins)
-                batch = [t for g in groups for t in g]
-                upd_adv = update_advantages(cfg, groups, rewards, adv)
-                guide = guidance_trajectories(batch, verbosity=cfg.guide_verbosity) if cfg.guide_coef else []
-            with clock.stage("update"):
-                stats = policy_update(policy, optimizer, batch, upd_adv, grad_accum=cfg.grad_accum,
-                                      updates=cfg.updates_per_iter, beta=cfg.beta, entropy_coef=cfg.entropy_coef,
-                                      kl_estimator=cfg.kl_estimator, clip_eps=cfg.clip_eps,
-                                      old_logprobs=cfg.old_logprobs, aggregation=cfg.aggregation, norm_len=norm_len,
-                                      max_grad_norm=cfg.max_grad_norm, entropy_aggregation=cfg.entropy_aggregation,
-                                      guide_coef=cfg.guide_coef, guide=guide,
-                                      guide_options=BCLossOptions(number_sigma=cfg.guide_sigma, clone_start=True))
-            with clock.stage("logging"):
-                compute_metrics([strip_for_gather(t) for t in batch])
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(instrument(clock, policy, optimizer))
+            stack.enter_context(patched(collector, "collect", lambda f: timed(clock, "collect", f)))
+            stack.enter_context(patched(grpo_trainer, "policy_update", lambda f: timed(clock, "update", f)))
+            stack.enter_context(cache)
+            t0 = time.perf_counter()
+            c0, u0 = clock.s["collect"], clock.s["update"]
+            with clock.stage("total"):
+                stats, _, _, batch, _, _ = grpo_trainer._iteration(cfg, it, policy, optimizer, collector, sampling,
+                                                                   n_train, DistInfo(), norm_len)
+                clock.s["advantages"] += (time.perf_counter() - t0) - (clock.s["collect"] - c0) - (
+                    clock.s["update"] - u0)
+                with clock.stage("logging"):
+                    compute_metrics([strip_for_gather(t) for t in batch])
         tokens = [tuple(s.token_ids) for t in batch for s in t.steps]
         return stats, tokens
 
     n_img = {}
-    iteration(0, True, Clock())  # warm-up (not timed)
-    clocks = {"before": Clock(), "after": Clock()}
+    iteration(0, "after", Clock())  # warm-up (not timed)
+    modes = ["before", "after"] + (["after_noshrink"] if args.grpo_noshrink else [])
+    clocks = {m: Clock() for m in modes}
     checks = []
     for r in range(args.reps):
         it = 1 + r
         snap = snapshot(policy, optimizer)
         res = {}
         secs = {}
-        for mode in (("before", "after") if r % 2 == 0 else ("after", "before")):
+        for mode in (modes if r % 2 == 0 else modes[::-1]):
             restore(policy, optimizer, snap)
             hits0 = policy.layout.cache_hits
             t_before = clocks[mode].s["total"]
-            stats, tokens = iteration(it, mode == "after", clocks[mode])
+            stats, tokens = iteration(it, mode, clocks[mode])
             secs[mode] = clocks[mode].s["total"] - t_before
             n_img[mode] = policy.layout.cache_hits - hits0
             res[mode] = (stats, tokens, {k: v.detach().clone() for k, v in policy.model.state_dict().items()})
-        (sb, tb, pb), (sa, ta, pa) = res["before"], res["after"]
-        same_tok = sum(x == y for x, y in zip(tb, ta)) / max(len(tb), 1)
-        checks.append({"iteration": it, "same_step_tokens": round(same_tok, 4), "loss_before": sb.loss,
-                       "loss_after": sa.loss, "grad_norm_before": sb.grad_norm, "grad_norm_after": sa.grad_norm,
-                       "max_param_diff": max_param_diff(pb, pa) if same_tok == 1.0 else None,
-                       "iteration_speedup": round(secs["before"] / secs["after"], 2)})
+        sb, tb, pb = res["before"]
+        for mode in modes[1:]:
+            sa, ta, pa = res[mode]
+            same_tok = sum(x == y for x, y in zip(tb, ta)) / max(len(tb), 1)
+            sfx = "" if mode == "after" else "_" + mode
+            checks.append({"iteration": it, "mode": mode, "same_step_tokens": round(same_tok, 4),
+                           "loss_before": sb.loss, f"loss{sfx or '_after'}": sa.loss,
+                           "grad_norm_before": sb.grad_norm, f"grad_norm{sfx or '_after'}": sa.grad_norm,
+                           "max_param_diff": max_param_diff(pb, pa) if same_tok == 1.0 else None,
+                           "iteration_speedup": round(secs["before"] / secs[mode], 2)})
+        if "after_noshrink" in secs:
+            checks[-1]["shrink_speedup"] = round(secs["after_noshrink"] / secs["after"], 3)
         # continue from the "after" weights
     set_mode(policy, True)
-    out = {"config": "grpo_cpu.yaml", "reps": args.reps, "checks": checks,
+    out = {"config": "grpo_cpu.yaml", "reps": args.reps, "modes": modes, "checks": checks,
            "fast_encode_kept": bool(policy.layout.fast_encode), "encode_memo_hits_per_iteration": n_img.get("after")}
     return {**out, **summarise(clocks, args.reps, "iteration_s")}
 
@@ -230,7 +253,7 @@ def summarise(clocks: dict, n: int, total_name: str) -> dict:
     for mode, c in clocks.items():
         s = {k: v / n for k, v in c.s.items()}
         if "update" in s:  # the update's parts; "other" = its remainder (loss, bookkeeping)
-            parts = ("reference_pass", "policy_forward", "encode", "backward", "optimizer")
+            parts = ("reference_pass", "policy_forward", "guide_forward", "encode", "backward", "optimizer")
             s["update_other"] = s["update"] - sum(s.get(k, 0.0) for k in parts)
         s[total_name] = s.pop("total")
         out[mode] = {k: round(v, 4) for k, v in sorted(s.items())}
@@ -239,6 +262,9 @@ def summarise(clocks: dict, n: int, total_name: str) -> dict:
         a = out[mode]
         key = "speedup" if mode == "after" else f"speedup_{mode}"
         out[key] = {k: round(b[k] / a[k], 2) for k in b if k in a and a[k] > 1e-4 and b[k] > 1e-4}
+    if "after_noshrink" in out:  # what dropping finished rows from the decode batch buys, everything else equal
+        a, n = out["after"], out["after_noshrink"]
+        out["shrink_speedup"] = {k: round(n[k] / a[k], 3) for k in a if k in n and a[k] > 1e-4 and n[k] > 1e-4}
     return out
 
 
@@ -327,6 +353,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bc-prefetch", type=int, default=1, help="1: also measure BC with the prefetch worker "
                     "(after_prefetch)")
+    ap.add_argument("--grpo-noshrink", type=int, default=1, help="1: also measure GRPO with finished rows kept "
+                    "in the rollout engine's decode batch (after_noshrink: RolloutEngine.shrink_at = 0)")
     ap.add_argument("--grpo-args", default="", help="extra `agents.grpo train` options in one string, e.g. "
                     "'--beta 0'")
     ap.add_argument("--bc-args", default="", help="extra `agents.bc train` options in one string")

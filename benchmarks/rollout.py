@@ -11,12 +11,16 @@ sampling at temperature 1.0 (step 0) / 0.7 (refinements).
   engine's KV-cache reuse and in-turn injection buy.
 - naive: each trajectory alone; at every step the WHOLE prefix (all images, all previous text) is re-encoded and
   ``model.generate`` produces the step (its own KV cache inside the step only).
+- engine_nolean_s: the engine with its decode forwards through the full model call (``lean_decode`` off).
+- ``--uneven``: each row's step ends after its own number of tokens (the same on every side), as boxes and keep
+  markers make it in GRPO; ``engine_noshrink_s``: the engine with finished rows kept in its decode batch.
 - limit: the time the engine's run spent inside its model forward passes (prefills and decode steps), i.e. the same
   forwards without sampling, stopping or bookkeeping; ``engine_s / limit_s`` is the engine's overhead.
 
-Output: ``{"engine_s", "batched_s", "naive_s", "limit_s", "speedup_vs_batched", "speedup" (vs naive),
-"engine_overhead", ...}`` plus the peak GPU memory on CUDA. Default: the tiny Qwen3-VL on CPU (goals: >= 1.5x the
-batched baseline, >= 4x the naive one). GPU runs (not needed by CI)::
+Each of the engine and batched variants runs ``--reps`` times in rotated orders (means reported; the machine is
+noisy), the naive one once. Output: ``{"engine_s", "batched_s", "naive_s", "limit_s", "speedup_vs_batched",
+"speedup" (vs naive), "engine_overhead", ...}`` plus the peak GPU memory on CUDA. Default: the tiny Qwen3-VL on
+CPU (goals: >= 1.5x the batched baseline, >= 4x the naive one). GPU runs (not needed by CI)::
 
     python benchmarks/rollout.py --shape qwen3vl-4b --device cuda                    # bf16, random 4B-shaped model
     python benchmarks/rollout.py --shape qwen3vl-4b --device cuda --load-in-4bit --lora-rank 64
@@ -25,6 +29,7 @@ batched baseline, >= 4x the naive one). GPU runs (not needed by CI)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -82,12 +87,12 @@ def build_random_4b(out_dir: Path, device: str, overrides: dict) -> Path:
     return out_dir
 
 
-def naive_rollouts(policy, images, expressions, steps, new_tokens, temps):
+def naive_rollouts(policy, images, expressions, steps, new_tokens, temps, lengths=None):
     """Each trajectory alone; every step re-encodes the whole prefix and calls ``model.generate``."""
     layout, model = policy.layout, policy.hf_model
     dev = policy.device
     n_tok = 0
-    for image, expr in zip(images, expressions):
+    for row, (image, expr) in enumerate(zip(images, expressions)):
         ids: list[int] = []
         pixels, grids = [], []
         for t in range(steps + 1):
@@ -99,9 +104,9 @@ def naive_rollouts(policy, images, expressions, steps, new_tokens, temps):
             out = model.generate(
                 input_ids=x, attention_mask=torch.ones_like(x), pixel_values=torch.cat(pixels).to(dev),
                 image_grid_thw=torch.cat(grids).to(dev), mm_token_type_ids=(x == layout.image_token_id).int(),
-                do_sample=True, temperature=temps[t], top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens, pad_token_id=layout.pad_id,
+                do_sample=True, temperature=temps[t], top_k=0, top_p=1.0, pad_token_id=layout.pad_id,
                 suppress_tokens=layout.placeholder_ids,
+                **_length_kwargs(layout, new_tokens, x.shape[1], None if lengths is None else lengths[t][row:row + 1]),
             )
             gen = out[0, x.shape[1]:].tolist()
             n_tok += len(gen)
@@ -109,7 +114,7 @@ def naive_rollouts(policy, images, expressions, steps, new_tokens, temps):
     return n_tok
 
 
-def batched_rollouts(policy, images, expressions, steps, new_tokens, temps):
+def batched_rollouts(policy, images, expressions, steps, new_tokens, temps, lengths=None):
     """All trajectories at once; every step ONE ``model.generate`` over the left-padded full prefixes."""
     layout, model, dev = policy.layout, policy.hf_model, policy.device
     B = len(images)
@@ -134,13 +139,14 @@ def batched_rollouts(policy, images, expressions, steps, new_tokens, temps):
             input_ids=x, attention_mask=mask, pixel_values=torch.cat([p for row in pixels for p in row]).to(dev),
             image_grid_thw=torch.cat([g for row in grids for g in row]).to(dev),
             mm_token_type_ids=(x == layout.image_token_id).int(), do_sample=True, temperature=temps[t], top_k=0,
-            top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=layout.pad_id,
-            suppress_tokens=layout.placeholder_ids,
+            top_p=1.0, pad_token_id=layout.pad_id, suppress_tokens=layout.placeholder_ids,
+            **_length_kwargs(layout, new_tokens, L, None if lengths is None else lengths[t]),
         )
         gen = out[:, L:].tolist()
         for b in range(B):
-            ids[b] += gen[b]
-            n_tok += len(gen[b])
+            n = len(gen[b]) if lengths is None else int(lengths[t][b])  # generate pads rows that ended
+            ids[b] += gen[b][:n]
+            n_tok += n
     return n_tok
 
 
@@ -166,15 +172,73 @@ class ForwardTimer:
         self.engine._forward = self._orig
 
 
-def engine_rollouts(policy, images, expressions, steps, new_tokens, temps):
+def engine_rollouts(policy, images, expressions, steps, new_tokens, temps, lengths=None):
     eng = policy.engine
-    res = eng.start(images, expressions, temps[0], new_tokens, stop_at_box=False, stop_at_eos=False)
-    n_tok = sum(len(r.token_ids) for r in res)
-    for t in range(1, steps + 1):
-        res = eng.refine(images, temps[t], new_tokens, stop_at_box=False, stop_at_eos=False)
-        n_tok += sum(len(r.token_ids) for r in res)
-    eng.reset()
+    base, uneven = eng.filter, lengths is not None
+    try:
+        if uneven:
+            eng.filter = ForcedEnds(base, eng, policy.layout.stop_ids, lengths[0])
+        res = eng.start(images, expressions, temps[0], new_tokens, stop_at_box=False, stop_at_eos=uneven)
+        n_tok = sum(len(r.token_ids) for r in res)
+        for t in range(1, steps + 1):
+            if uneven:
+                eng.filter = ForcedEnds(base, eng, policy.layout.stop_ids, lengths[t])
+            res = eng.refine(images, temps[t], new_tokens, stop_at_box=False, stop_at_eos=uneven)
+            n_tok += sum(len(r.token_ids) for r in res)
+    finally:
+        eng.filter = base
+        eng.reset()
     return n_tok
+
+
+def step_lengths(rows: int, steps: int, new_tokens: int, seed: int) -> list:
+    """``--uneven``: tokens per row and step (a list of T + 1 long tensors (rows,)), uniform in [new_tokens / 8,
+    new_tokens]: answers that end at different tokens, as boxes and keep markers make them."""
+    g = torch.Generator().manual_seed(seed)
+    lo = max(1, new_tokens // 8)
+    return [torch.randint(lo, new_tokens + 1, (rows,), generator=g) for _ in range(steps + 1)]
+
+
+class ForcedEnds:
+    """Engine logit filter for ``--uneven``: row b draws an end-of-turn id as exactly its ``lengths[b]``-th token
+    (none before). Logits row j is the engine's batch row ``engine.live[j]`` (finished rows leave the batch)."""
+
+    def __init__(self, base, engine, stop_ids, lengths):
+        self.base, self.engine, self.k = base, engine, 0
+        self.stops, self.lengths = torch.tensor(stop_ids), lengths
+
+    def __call__(self, logits):
+        out = self.base(logits).clone()  # (rows of the decode batch, V)
+        out[:, self.stops] = -1e9
+        end = (self.lengths[torch.tensor(self.engine.live)] - 1 == self.k).nonzero().squeeze(1)
+        out[end, self.stops[0]] = 1e4
+        self.k += 1
+        return out
+
+
+class HFForcedEnds:
+    """The same rule as :class:`ForcedEnds` as a transformers ``LogitsProcessor`` (``prompt_len``: the input
+    width; generate keeps computing rows that ended, padded, until the last one ends)."""
+
+    def __init__(self, stop_ids, lengths, prompt_len):
+        self.stops, self.lengths, self.prompt_len = torch.tensor(stop_ids), lengths, prompt_len
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, self.stops] = -float("inf")
+        end = (self.lengths.to(scores.device) - 1 == input_ids.shape[1] - self.prompt_len).nonzero().squeeze(1)
+        scores[end, self.stops[0]] = 0.0
+        return scores
+
+
+def _length_kwargs(layout, new_tokens: int, prompt_len: int, lengths) -> dict:
+    """``model.generate`` keyword arguments: a fixed ``new_tokens`` per row, or (``--uneven``) each row's own."""
+    if lengths is None:
+        return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+    from transformers import LogitsProcessorList
+
+    return dict(max_new_tokens=int(lengths.max()), eos_token_id=list(layout.stop_ids),
+                logits_processor=LogitsProcessorList([HFForcedEnds(layout.stop_ids, lengths, prompt_len)]))
 
 
 def _sync(device: torch.device) -> None:
@@ -200,6 +264,12 @@ def main(argv=None) -> int:
                          "(0: all; for slow GPU-sized runs)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=INT",
                     help="shrink the qwen3vl-4b shape for smoke tests, e.g. num_hidden_layers=1 vision_depth=1")
+    ap.add_argument("--uneven", action="store_true",
+                    help="each row's step ends (an end-of-turn id) after its own number of tokens, uniform in "
+                         "[new_tokens / 8, new_tokens], the same on every side; adds engine_noshrink_s (finished "
+                         "rows kept in the engine's decode batch: RolloutEngine.shrink_at = 0)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of the engine / batched runs, in rotated "
+                    "orders; the figures are their means (the naive baseline runs once)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -234,29 +304,56 @@ def main(argv=None) -> int:
     images = [im for im in base_imgs for _ in range(args.group_size)]
     expressions = [f"the shape number {g}" for g in range(args.groups) for _ in range(args.group_size)]
     temps = [1.0] + [0.7] * args.steps
+    lengths = step_lengths(len(images), args.steps, args.new_tokens, args.seed) if args.uneven else None
     # Warm-up (allocators, kernels) on a small batch, not timed.
     engine_rollouts(policy, images[:2], expressions[:2], 1, 4, temps)
     naive_rollouts(policy, images[:1], expressions[:1], 1, 4, temps)
     batched_rollouts(policy, images[:2], expressions[:2], 1, 4, temps)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    _sync(device)
-    t0 = time.perf_counter()
-    with torch.no_grad(), ForwardTimer(policy.engine, device) as fwd:
-        eng_tok = engine_rollouts(policy, images, expressions, args.steps, args.new_tokens, temps)
-    _sync(device)
-    engine_s = time.perf_counter() - t0
-    limit_s = fwd.seconds
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        batched_tok = batched_rollouts(policy, images, expressions, args.steps, args.new_tokens, temps)
-    _sync(device)
-    batched_s = time.perf_counter() - t0
-    engine_peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    eng = policy.engine
+    # name -> (engine switches, runner); each repetition runs them in a rotated order (a noisy machine: the ratios
+    # of the summed times), every variant on the same tokens
+    variants = {"engine": ({}, engine_rollouts), "engine_nolean": ({"lean_decode": False}, engine_rollouts),
+                "batched": ({}, batched_rollouts)}
+    if args.uneven:
+        variants["engine_noshrink"] = ({"shrink_at": 0.0}, engine_rollouts)
+    secs = {k: 0.0 for k in variants}
+    toks: dict = {}
+    limit_s, engine_peak = 0.0, None
+    for r in range(args.reps):
+        names = list(variants)
+        names = names[r % len(names):] + names[: r % len(names)]
+        for name in names:
+            switches, runner = variants[name]
+            saved = {k: getattr(eng, k) for k in switches}
+            for k, v in switches.items():
+                setattr(eng, k, v)
+            timer = ForwardTimer(eng, device) if name == "engine" else contextlib.nullcontext()
+            _sync(device)
+            t0 = time.perf_counter()
+            with torch.no_grad(), timer:
+                toks[name] = runner(policy, images, expressions, args.steps, args.new_tokens, temps, lengths)
+            _sync(device)
+            secs[name] += time.perf_counter() - t0
+            for k, v in saved.items():
+                setattr(eng, k, v)
+            if name == "engine":
+                limit_s += timer.seconds
+                if device.type == "cuda" and engine_peak is None:
+                    engine_peak = torch.cuda.max_memory_allocated() / 2**30
+    if len(set(toks.values())) != 1:
+        raise AssertionError(f"the variants generated different token counts: {toks}")
+    secs = {k: v / args.reps for k, v in secs.items()}
+    limit_s /= args.reps
+    engine_s, batched_s, nolean_s = secs["engine"], secs["batched"], secs["engine_nolean"]
+    noshrink_s = secs.get("engine_noshrink")
+    eng_tok = batched_tok = toks["engine"]
     k = args.naive_trajectories or len(images)
     t0 = time.perf_counter()
     with torch.no_grad():
-        naive_tok = naive_rollouts(policy, images[:k], expressions[:k], args.steps, args.new_tokens, temps)
+        naive_tok = naive_rollouts(policy, images[:k], expressions[:k], args.steps, args.new_tokens, temps,
+                                   None if lengths is None else [x[:k] for x in lengths])
     _sync(device)
     naive_s = (time.perf_counter() - t0) * len(images) / k
     naive_tok = naive_tok * len(images) // k
@@ -272,6 +369,13 @@ def main(argv=None) -> int:
         "engine_tokens_per_s": round(eng_tok / engine_s, 1),
         "naive_tokens_per_s": round(naive_tok / naive_s, 1),
         "tokens": eng_tok,
+        "batched_tokens": batched_tok,
+        "uneven": args.uneven,
+        "engine_nolean_s": round(nolean_s, 4),
+        "lean_speedup": round(nolean_s / engine_s, 3),
+        "engine_noshrink_s": None if noshrink_s is None else round(noshrink_s, 4),
+        "shrink_speedup": None if noshrink_s is None else round(noshrink_s / engine_s, 3),
+        "noshrink_speedup_vs_batched": None if noshrink_s is None else round(batched_s / noshrink_s, 3),
         "trajectories": len(images),
         "groups": args.groups,
         "group_size": args.group_size,

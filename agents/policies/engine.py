@@ -9,12 +9,15 @@ Branching groups (GRPO ``branch_size``): rows given one ``share`` key get ONE sa
 then the cache is forked along the batch (:meth:`RolloutEngine.fork`) and each row refines on its own.
 
 Layout inside the cache: every chunk is right-padded to the batch's widest chunk, and rows that stop early keep
-feeding masked pad tokens, so the cache has masked "holes" (attention mask 0). Holes never break attention: every
-hole position has real tokens before it (the prompt), so no query row is fully masked (no NaN), and masked keys get
-zero weight. Positions are explicit (DESIGN.md, measured): multimodal rope positions ``(3, B, L)`` computed per
-chunk with the model's own ``get_rope_index`` (shift-invariant, so a chunk's positions are its local positions
-plus the row's next position), text tokens continue at ``max position + 1``. ``pixel_values`` of the NEW images
-only are passed with each chunk. A test checks that tokens (greedy) and log-probs equal a plain full re-encode.
+feeding masked pad tokens until a quarter of the decode batch has finished; then the finished rows leave the decode
+batch (their cache rows copied out, ``RolloutEngine.shrink_at``) and the full batch is rebuilt at the end of the step
+with zero keys / values under mask 0 where they were absent. So the cache has masked "holes" (attention mask 0).
+Holes never break attention: every hole position has real tokens before it (the prompt), so no query row is fully
+masked (no NaN), and masked keys get zero weight. Positions are explicit (DESIGN.md, measured): multimodal rope
+positions ``(3, B, L)`` computed per chunk with the model's own ``get_rope_index`` (shift-invariant, so a chunk's
+positions are its local positions plus the row's next position), text tokens continue at ``max position + 1``.
+``pixel_values`` of the NEW images only are passed with each chunk. A test checks that tokens (greedy) and
+log-probs equal a plain full re-encode.
 
 Log-probs are those of the distribution each token was drawn from: ``log_softmax(logits / T)`` at the step's
 sampling temperature T (greedy steps are scored at T = 1), i.e. exactly what :meth:`VLMPolicy.token_logprobs`
@@ -34,7 +37,8 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from agents.policies.kv_cache import growing_cache, sample_inverse_cdf
+from agents.policies.kv_cache import (cache_kw, cache_rows, growing_cache, lean_decode_hidden, lean_text_model,
+                                     sample_inverse_cdf, write_rows)
 from agents.policies.vision import vision_inputs
 
 from agents.policies.vlm_prompt import BoxStopper, Chunk, PromptLayout, mm_token_types
@@ -84,6 +88,9 @@ class RolloutEngine:
     LoRA layers injected by peft; it needs ``.model`` (returning hidden states), ``.lm_head`` and
     ``.model.get_rope_index``)."""
 
+    shrink_at = 0.25  # finished fraction of the decode batch that makes it drop its finished rows (0: never)
+    lean_decode = True  # decode forwards through the text model's layer loop (kv_cache.lean_decode_hidden)
+
     def __init__(self, model: Any, layout: PromptLayout, logit_filter: LogitFilter) -> None:
         self.model = model
         self.layout = layout
@@ -95,6 +102,8 @@ class RolloutEngine:
         self.attn: Optional[torch.Tensor] = None  # (B, L) long, 1 on real tokens
         self.next_logits: Optional[torch.Tensor] = None  # (B, V) logits of the next token
         self.generator: Optional[torch.Generator] = None
+        self._full: Optional[tuple] = None  # during a step's decode: see _sync
+        self.live: list[int] = []  # the full-batch row of each row of the decode batch (logits row j is row live[j])
 
     @property
     def device(self) -> torch.device:
@@ -227,15 +236,18 @@ class RolloutEngine:
                  last_cols: torch.Tensor) -> torch.Tensor:
         """Append ``ids`` (B, W) to the cache; return logits (B, V) at column ``last_cols[b]`` of each row.
         ``vision``: the image keyword arguments (:func:`agents.policies.vision.vision_inputs`), None for none."""
-        out = self.model.model(
-            input_ids=ids,
-            attention_mask=self.attn,
-            position_ids=pos,
-            past_key_values=self.cache,
-            use_cache=True,
-            **(vision or {}),
-        )
-        hidden = out.last_hidden_state  # (B, W, H)
+        lm = lean_text_model(self.model) if self.lean_decode and vision is None and ids.shape[1] == 1 else None
+        if lm is not None:
+            hidden = lean_decode_hidden(lm, ids, pos, self.attn, self.cache)  # (B, 1, H)
+        else:
+            hidden = self.model.model(
+                input_ids=ids,
+                attention_mask=self.attn,
+                position_ids=pos,
+                use_cache=True,
+                **{cache_kw(self.model.model): self.cache},  # cache / past_key_values: by transformers version
+                **(vision or {}),
+            ).last_hidden_state  # (B, W, H)
         h = hidden[torch.arange(ids.shape[0], device=ids.device), last_cols]  # (B, H)
         return self.model.lm_head(h)
 
@@ -290,45 +302,55 @@ class RolloutEngine:
     def _generate(self, chunks: Sequence[Chunk], temperature: float, max_new_tokens: int,
                   stop_at_box: bool, stop_at_eos: bool, keep: str = "") -> list[StepResult]:
         """``keep``: the keep marker that may end this step ("" at step 0, which has no box to keep: the env reads
-        a step-0 keep marker as no box, so generation goes on to the box)."""
+        a step-0 keep marker as no box, so generation goes on to the box).
+
+        Rows that finish leave the decode batch once at least :attr:`shrink_at` of it has finished (:meth:`_shrink`;
+        the copy of the cache rows is amortised over the quarter); ``live`` lists the full-batch row of each row of
+        the decode batch. A row that left keeps its last token pending (fed with its next chunk, as for a row that
+        stopped on the step's last token), and the full layout is restored when the step ends (:meth:`_unshrink`)."""
         dev, B = self.device, len(self.rows)
         stop_ids = torch.tensor(self.layout.stop_ids if stop_at_eos else [-1], device=dev)
         stopper = BoxStopper(B, self.layout.prompts.stop_box_requires_think, keep)
         gen: list[list[int]] = [[] for _ in range(B)]
         lps: list[list[float]] = [[] for _ in range(B)]
         why = ["length"] * B
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        done = [False] * B
+        live = self.live = list(range(B))
+        self._full = None  # (cache, attn, synced length) of all B rows while the decode batch is smaller
         logits = self.next_logits
         for k in range(max_new_tokens):
-            logits = self.filter(logits)  # (B, V)
+            logits = self.filter(logits)  # (len(live), V)
+            live_t = torch.tensor(live, device=dev) if len(live) < B else None
             if temperature <= 0:
                 tok = logits.argmax(dim=-1)
                 logp = torch.log_softmax(logits, dim=-1)  # greedy: scored at T = 1
             else:
-                scaled = logits / temperature  # (B, V) the sampling distribution's logits
+                scaled = logits / temperature  # (len(live), V) the sampling distribution's logits
                 logp = torch.log_softmax(scaled, dim=-1)
-                tok = sample_inverse_cdf(torch.softmax(scaled, dim=-1), self.generator)
+                tok = sample_inverse_cdf(torch.softmax(scaled, dim=-1), self.generator, live_t, B)
             lp = logp.gather(1, tok[:, None]).squeeze(1)
-            active = ~done
-            is_eos = torch.isin(tok, stop_ids) & active
-            tok_l, lp_l, act_l, eos_l = tok.tolist(), lp.tolist(), active.tolist(), is_eos.tolist()
-            for b in range(B):
-                if not act_l[b]:
+            is_eos = torch.isin(tok, stop_ids)
+            tok_l, lp_l, eos_l = tok.tolist(), lp.tolist(), is_eos.tolist()
+            for j, b in enumerate(live):
+                if done[b]:
                     continue
-                gen[b].append(tok_l[b])
-                lps[b].append(lp_l[b])
-                if eos_l[b]:
+                gen[b].append(tok_l[j])
+                lps[b].append(lp_l[j])
+                self.rows[b].pending.append(tok_l[j])  # not in the cache yet
+                if eos_l[j]:
                     why[b] = "eos"
                     done[b] = True
-                elif stop_at_box and stopper.feed(b, self._piece(tok_l[b])):
+                elif stop_at_box and stopper.feed(b, self._piece(tok_l[j])):
                     why[b] = "box"
                     done[b] = True
-            for b in range(B):  # the token just drawn is not in the cache yet
-                if act_l[b]:
-                    self.rows[b].pending.append(tok_l[b])
-            if bool(done.all()) or k == max_new_tokens - 1:
+            n_done = sum(done[b] for b in live)
+            if n_done == len(live) or k == max_new_tokens - 1:
                 break
-            logits = self._decode_pending()
+            if self.shrink_at > 0 and n_done >= max(1.0, self.shrink_at * len(live)):
+                live = self.live = self._shrink(live, [j for j, b in enumerate(live) if not done[b]])
+            logits = self._decode_pending(live)
+        self._unshrink(live)
+        self.live = list(range(B))
         self.next_logits = None
         results = []
         for b, row in enumerate(self.rows):
@@ -337,21 +359,59 @@ class RolloutEngine:
             results.append(res)
         return results
 
-    def _decode_pending(self) -> torch.Tensor:
-        """One decode forward: each row feeds its single pending token (mask 1) or a pad (mask 0)."""
-        dev, B = self.device, len(self.rows)
-        ids = torch.full((B, 1), self.layout.pad_id, dtype=torch.long)
-        mask = torch.zeros((B, 1), dtype=torch.long)
-        pos = torch.zeros((3, B, 1), dtype=torch.long)
-        for b, row in enumerate(self.rows):
-            pos[:, b, 0] = row.next_pos
+    def _shrink(self, live: list[int], keep: list[int]) -> list[int]:
+        """The decode batch (rows ``live`` of the full batch) keeps only its rows ``keep``: their cache rows and
+        attention mask are copied into a smaller cache; the full batch's cache (its first ``synced`` positions
+        current) gets the positions decoded since, so it holds every row up to here. Returns the new ``live``."""
+        part = cache_rows(self.cache, torch.tensor(keep, device=self.device))
+        if part is None:  # a layer type that cannot be split: keep computing the finished rows
+            return live
+        self._sync(live)
+        self.cache, self.attn = part, self.attn[keep]
+        return [live[j] for j in keep]
+
+    def _sync(self, live: list[int]) -> None:
+        """Bring the full batch's cache and mask (``self._full``) up to the decode batch's length."""
+        L = self.attn.shape[1]
+        if self._full is None:
+            self._full = (self.cache, self.attn, L)  # the decode batch is still the full batch
+            return
+        cache, attn, synced = self._full
+        if L > synced:
+            rows = torch.tensor(live, device=self.device)
+            write_rows(cache, self.cache, rows, synced)
+            new = attn.new_zeros((attn.shape[0], L - synced))  # (B, new positions): holes for the rows that left
+            new[rows] = self.attn[:, synced:]
+            attn = torch.cat([attn, new], dim=1)
+        self._full = (cache, attn, L)
+
+    def _unshrink(self, live: list[int]) -> None:
+        """End of a step: the full batch (all rows, one cache) again, for the next chunk, :meth:`fork`, ..."""
+        if self._full is not None:
+            self._sync(live)
+            self.cache, self.attn = self._full[0], self._full[1]
+        self._full = None
+
+    def _decode_pending(self, live: list[int]) -> torch.Tensor:
+        """One decode forward over the decode batch (full-batch rows ``live``): each row feeds its single pending
+        token (mask 1) or, having finished, a pad (mask 0)."""
+        dev, n = self.device, len(live)
+        ids_l, mask_l, pos_l = [], [], []  # python lists, one tensor each: per-element tensor writes cost more
+        for b in live:
+            row = self.rows[b]
+            pos_l.append(row.next_pos)
             if row.pending:
                 assert len(row.pending) == 1, "decode feeds one pending token per row"
-                ids[b, 0] = row.pending.pop()
-                mask[b, 0] = 1
+                ids_l.append(row.pending.pop())
+                mask_l.append(1)
                 row.next_pos += 1
-        self.attn = torch.cat([self.attn, mask.to(dev)], dim=1)
-        return self._forward(ids.to(dev), pos.to(dev), None, torch.zeros(B, dtype=torch.long, device=dev))
+            else:
+                ids_l.append(self.layout.pad_id)
+                mask_l.append(0)
+        ids = torch.tensor(ids_l, dtype=torch.long, device=dev).view(n, 1)
+        pos = torch.tensor(pos_l, dtype=torch.long, device=dev).view(1, n, 1).expand(3, n, 1).contiguous()
+        self.attn = torch.cat([self.attn, torch.tensor(mask_l, dtype=torch.long, device=dev).view(n, 1)], dim=1)
+        return self._forward(ids, pos, None, torch.zeros(n, dtype=torch.long, device=dev))
 
 
 def score_temperature(temperature: float) -> float:

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from agents.policies.engine import LogitFilter, RolloutEngine
-from agents.policies.kv_cache import sample_inverse_cdf
+from agents.policies.kv_cache import lean_text_model, sample_inverse_cdf
 from agents.policies.vlm_processor import load_processor
 from agents.policies.vlm_prompt import PromptLayout, load_prompts, mm_token_types
 
@@ -115,17 +115,20 @@ def test_shared_prompt_is_encoded_once(tiny_q3):
 
 
 class ScriptedFilter(LogitFilter):
-    """Forces row b to emit script[b][k] at its k-th token of a step (None: the model's own argmax)."""
+    """Forces row b to emit script[b][k] at its k-th token of a step (None: the model's own argmax). With
+    ``engine``, logits row j is the engine's batch row ``engine.live[j]`` (finished rows leave the decode batch)."""
 
-    def __init__(self, base, scripts):
+    def __init__(self, base, scripts, engine=None):
         super().__init__(base.n_valid, base.banned)
-        self.scripts, self.k = scripts, 0
+        self.scripts, self.k, self.engine = scripts, 0, engine
 
     def __call__(self, logits):
         out = super().__call__(logits).clone()
-        for b, s in enumerate(self.scripts):
+        rows = self.engine.live if self.engine is not None else range(out.shape[0])
+        for j, b in enumerate(rows):
+            s = self.scripts[b] if b < len(self.scripts) else None
             if s is not None and self.k < len(s):
-                out[b, s[self.k]] = 1e4
+                out[j, s[self.k]] = 1e4
         self.k += 1
         return out
 
@@ -138,7 +141,7 @@ def test_stop_rules_and_holes(tiny_q3):
     box_in_think = enc("<think>[1, 2, 3, 4]</think> ok<|im_end|> tail")
     box_no_think = enc("[5, 6, 70, 80] then <think>x</think> [1, 2, 3, 4]")
     base = eng.filter
-    eng.filter = ScriptedFilter(base, [box_after_think, box_in_think, box_no_think, None])
+    eng.filter = ScriptedFilter(base, [box_after_think, box_in_think, box_no_think, None], eng)
     images = [rand_image(i) for i in range(4)]
     res = eng.start(images, ["a", "b", "c", "d"], 0.0, 40)
     n1 = len(enc("<think>left</think> [1, 2, 30, 40]"))
@@ -220,3 +223,80 @@ def test_branching_forks_the_cache(tiny_q3):
         assert torch.allclose(mine, lp, atol=1e-4), (b, (mine - lp).abs().max())
     with pytest.raises(ValueError, match="share step 0 but not the prompt"):
         eng.start(images, exprs, 1.0, 4, share=[0, 0, 0, 0, 0, 0])
+
+
+class EndAt(LogitFilter):
+    """Forces batch row b to emit an end-of-turn id as its ``ends[b]``-th token of a step (None: never); logits row
+    j is row ``engine.live[j]`` (the decode batch loses its finished rows)."""
+
+    def __init__(self, base, engine, end_id):
+        super().__init__(base.n_valid, base.banned)
+        self.engine, self.end_id, self.ends, self.k = engine, end_id, [], 0
+
+    def __call__(self, logits):
+        out = super().__call__(logits).clone()
+        for j, b in enumerate(self.engine.live):
+            if self.ends[b] == self.k:
+                out[j, self.end_id] = 1e4
+        self.k += 1
+        return out
+
+
+def test_finished_rows_leave_the_decode_batch(tiny_q3):
+    """Rows end at different tokens (forced end-of-turn ids): the decode batch shrinks within the step, and both
+    steps still equal a full re-encode of each row alone (tokens and log-probs, the forced ends left out), and the
+    same run with the full batch kept (``shrink_at = 0``): same seed, same tokens."""
+    ends = [[2, 5, 5, 9, 12, None, 3, 7], [6, None, 1, 4, 4, 10, 2, 8]]
+    runs = {}
+    for shrink in (0.25, 0.0):
+        eng = make_engine(tiny_q3)
+        eng.shrink_at = shrink
+        eng.seed(5)
+        base = eng.filter
+        eng.filter = EndAt(base, eng, eng.layout.stop_ids[0])
+        widths = record_forward_shapes(eng)
+        images = [rand_image(i % 3) for i in range(8)]
+        eng.filter.ends = ends[0]
+        r0 = eng.start(images, [f"shape {i % 3}" for i in range(8)], 1.0, 14)
+        eng.filter.ends, eng.filter.k = ends[1], 0
+        r1 = eng.refine([rand_image(50 + i) for i in range(8)], 0.0, 12)  # greedy
+        eng.filter = base
+        runs[shrink] = (r0, r1, [w[0] for w in widths if w[1] == 1])
+        for b in range(8):
+            assert all(e[b] is None or len(r.token_ids) <= e[b] + 1 for r, e in zip((r0[b], r1[b]), ends))
+            lp, argmax = full_reencode(eng, [r0[b], r1[b]])
+            forced = [r.stop == "eos" and len(r.token_ids) == e[b] + 1 for r, e in zip((r0[b], r1[b]), ends)]
+            keep = [not (f and i == len(r.token_ids) - 1) for r, f in zip((r0[b], r1[b]), forced)
+                    for i in range(len(r.token_ids))]
+            mine = torch.tensor(r0[b].logprobs + r1[b].logprobs)
+            keep_t = torch.tensor(keep)
+            assert torch.allclose(mine[keep_t], lp[keep_t], atol=1e-4), (shrink, b, (mine - lp)[keep_t].abs().max())
+            n1 = len(r1[b].token_ids)
+            greedy = [t for t, k in zip(argmax[-n1:], keep[-n1:]) if k]
+            assert [t for t, k in zip(r1[b].token_ids, keep[-n1:]) if k] == greedy
+    decode_rows = runs[0.25][2]  # rows of each decode forward, step 0 then step 1
+    n0 = max(len(r.token_ids) for r in runs[0.25][0]) - 1  # step 0's decode forwards
+    assert min(decode_rows[:n0]) < 8 and decode_rows[:n0] == sorted(decode_rows[:n0], reverse=True)
+    assert decode_rows[n0] == 8 and min(decode_rows[n0:]) < 8  # step 1 starts on the full batch, shrinks again
+    assert set(runs[0.0][2]) == {8}
+    for a, b in zip(runs[0.25][0] + runs[0.25][1], runs[0.0][0] + runs[0.0][1]):
+        assert a.token_ids == b.token_ids and a.stop == b.stop
+        assert np.allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_lean_decode_equals_the_full_model_call(tiny_any):
+    """The decode fast path (the text layers called directly) gives the tokens and log-probs of the model's own
+    forward (``lean_decode = False``), same seed, sampled and greedy steps, both model families."""
+    out = {}
+    for lean in (True, False):
+        eng = make_engine(tiny_any)
+        assert lean_text_model(eng.model) is not None  # the fast path applies (else this test is void)
+        eng.lean_decode = lean
+        eng.seed(1)
+        images, exprs = batch_inputs()
+        r0 = eng.start(images, exprs, 1.0, 10)
+        r1 = eng.refine([rand_image(60 + i, *im.shape[:2]) for i, im in enumerate(images)], 0.0, 8)
+        out[lean] = r0 + r1
+    for a, b in zip(out[True], out[False]):
+        assert a.token_ids == b.token_ids and a.stop == b.stop
+        assert np.allclose(a.logprobs, b.logprobs, atol=1e-5)
