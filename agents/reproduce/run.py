@@ -209,9 +209,12 @@ def reproduce(cfg: ReproduceConfig) -> dict:
         missing = {k: v for k, v in overrides.items() if v is None}
         models = train_all(cfg, out) if missing else {}
     models.update({k: Path(v) for k, v in overrides.items() if v is not None})
-    for key, path in models.items():
-        if not (Path(path) / "config.json").is_file():
-            raise FileNotFoundError(f"{key} checkpoint {str(path)!r} is not a model folder (no config.json)")
+    from agents.policies.model_dir import resolve_model_dir
+
+    for key, path in models.items():  # a run's best/ (GRPO keeps its policy in best/policy/) or a model folder
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{key} checkpoint {str(path)!r} is not a model folder (no such folder)")
+        models[key] = Path(resolve_model_dir(path, option=f"{key} checkpoint"))
     rows = evaluate_rows(cfg, models, out)
     figs = [("Mean IoU per step, ours (solid) vs the paper (dashed)", figures.iou_per_step(rows, out / "iou_per_step.png"))]
     figs.append(("GRPO validation: improve / stagnation / degradation rates and delta over iterations",

@@ -29,11 +29,16 @@ def tiny_model(tmp_path_factory):
 
 
 def test_reproduce_end_to_end_on_given_checkpoints(tiny_model, tmp_path):
+    import shutil
+
     out = tmp_path / "repro"
+    grpo_run = tmp_path / "grpo_run"  # a GRPO run folder keeps its policy in best/policy/ (the full mode's stages)
+    shutil.copytree(tiny_model, grpo_run / "best" / "policy")
     args = ["--out", str(out), "--limit", "3", "--progress", "False", "--strips", "1"]
-    for flag in ("--base-model", "--sft-model", "--grpo-model", "--grpo-single-model"):
+    for flag in ("--base-model", "--sft-model", "--grpo-single-model"):
         args += [flag, tiny_model]
-    assert main(args) == 0
+    assert main(args + ["--grpo-model", str(grpo_run / "best")]) == 0
+    assert json.loads((out / "results.json").read_text())["meta"]["models"]["grpo"] == str(grpo_run / "best" / "policy")
     results = json.loads((out / "results.json").read_text())
     assert set(results["rows"]) == {r.name for r in ROWS}
     for row in ROWS:
