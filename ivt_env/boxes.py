@@ -148,6 +148,9 @@ def parse_box(text: object, which: str = "last") -> ParsedBox:
         return ParsedBox(None, f"parse error: {type(exc).__name__}")
 
 
+KEEP_MARKER = "Keep it."  # ends a refinement step that keeps its box (GroundingRefineEnv, "Keeping a box")
+
+
 def ends_with_keep(text: object, marker: Optional[str]) -> bool:
     """Whether a step's text ends with the keep marker (no box to read: "keep the previous box"), either as the last
     words of its closed reasoning or after it; trailing spaces aside. An unclosed ``<think>`` is no keep.

@@ -8,8 +8,8 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from ivt_env.boxes import (BOX_CHOICES, NORM_MAX, clip_pixel_box, ends_with_keep, hiou, iou, parse_box, to_norm,
-                           to_pixels)
+from ivt_env.boxes import (BOX_CHOICES, KEEP_MARKER, NORM_MAX, clip_pixel_box, ends_with_keep, hiou, iou, parse_box,
+                           to_norm, to_pixels)
 from ivt_env.datasets.base import MAX_EXPRESSION_CHARS, DatasetError, GroundingDataset, Sample
 from ivt_env.datasets.resolve import image_bound, resolve_dataset
 from ivt_env.multibox import parse_boxes
@@ -18,7 +18,6 @@ from ivt_env.rewards import RewardFn, call_reward, get_reward, reward_extras
 from ivt_env.spaces import FreeText, ImageSpace
 
 MAX_ACTION_CHARS = 16384
-KEEP_MARKER = "Keep it."  # a refinement step ending with it keeps the previous box exactly ("Keeping a box")
 
 
 class GroundingRefineEnv(gym.Env):

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from agents.common.config import load_yaml
-from ivt_env.boxes import ends_with_keep
+from ivt_env.boxes import KEEP_MARKER, ends_with_keep
 
 DEFAULT_PROMPTS = "prompts.yaml"  # resolved in configs/ by agents.common.config.resolve_config_path
 
@@ -63,7 +63,7 @@ class PromptConfig:
     """auto | norm1000 | abs_pixels: the coordinate convention of the model's own text."""
     stop_box_requires_think: bool = True
     """Stop at a box's closing ']' only after '</think>' has been written."""
-    keep_marker: str = "Keep it."
+    keep_marker: str = KEEP_MARKER
     """A refinement step whose text ends with this text (the last words of its reasoning, ``...Keep it.</think>``,
     or after it) is complete: the env keeps the previous box for it (``ivt_env`` ``keep_marker``, "Keeping a
     box"). Used only when the env does not say its own (``info["keep_marker"]``, which wins). Empty: only a box
