@@ -65,6 +65,15 @@ class SynthesizeConfig:
     unchanged instead of moving on to the exact GT (agents.teacher.geometric.hold_fitting_boxes). IVT interpolates all
     the way; its filter iou_max 0.85 drops fitting starts anyway. Useful with iou_max > 0.85 for a student that
     should learn to leave a good box alone."""
+    keep_iou: float = 0.85
+    """With keep_fitting: the IoU from which a box counts as good enough and later steps keep it (the geometric
+    teacher's FIT_IOU, 0.85; the kept steps say "Box fits. Keep it." whatever the threshold). Lower values keep
+    near-fits a small model cannot tell from fits at its image resolution, instead of nudging them by a few units."""
+    keep_marker: str = ""
+    """With keep_fitting: a step that keeps a fitting box writes the env's keep action, the reasoning ending with
+    this marker and no box (``"Keep it."``: ``<think>Box fits. Keep it.</think>``; the env carries the previous box
+    exactly), instead of writing the same box again ('' : the paper's format). A tiny model cannot copy four
+    numbers exactly (issue 17), so keeping by words is what lets it leave a good box alone."""
     stop: bool = False
     """Adaptive refinement: trajectories stop at the first box that fits the GT (IoU >= stop_iou; the teacher says
     why and writes stop_marker before the box), in an env with allow_stop, so they have 1..T+1 steps."""
@@ -267,11 +276,12 @@ class Synthesizer:
             gt = to_norm(s.gt_box, s.width, s.height)
             plans[r["sample_id"]] = interpolate_boxes(r["box_norm"], gt, cfg.steps)
             if cfg.keep_fitting:
-                plans[r["sample_id"]] = hold_fitting_boxes(plans[r["sample_id"]], gt)
+                plans[r["sample_id"]] = hold_fitting_boxes(plans[r["sample_id"]], gt, cfg.keep_iou)
             if cfg.stop:
                 plans[r["sample_id"]] = stop_plan(plans[r["sample_id"]], gt, cfg.stop_iou)
         teacher = PlannedTeacher(plans, verbosity=cfg.verbosity, reasoner=self.reasoner, seed=cfg.seed,
-                                 stop_marker=cfg.stop_marker if cfg.stop else None, stop_iou=cfg.stop_iou)
+                                 stop_marker=cfg.stop_marker if cfg.stop else None, stop_iou=cfg.stop_iou,
+                                 keep_marker=cfg.keep_marker if cfg.keep_fitting else None)
         trajs = self._collector(cfg.steps).collect(teacher, [r["index"] for r in kept], 1, SamplingParams(greedy=True),
                                                    seed=cfg.seed, keep_observations=keep_observations)
         self.fallbacks += teacher.fallbacks

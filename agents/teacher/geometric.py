@@ -72,13 +72,13 @@ def interpolate_boxes(start_norm: Box, gt_norm: Box, T: int) -> list[list[int]]:
     return out
 
 
-def hold_fitting_boxes(boxes: Sequence[Box], gt_norm: Box) -> list[list[int]]:
+def hold_fitting_boxes(boxes: Sequence[Box], gt_norm: Box, fit_iou: float = FIT_IOU) -> list[list[int]]:
     """``boxes`` (e.g. from :func:`interpolate_boxes`) with every box after the first one that FITS the GT
-    (IoU >= ``FIT_IOU``, where the geometric teacher says "Box fits. Keep it.") replaced by that box: the text
-    says keep and the box is kept, instead of creeping on to the exact GT by a few units."""
+    (IoU >= ``fit_iou``; at ``FIT_IOU`` the geometric teacher says "Box fits. Keep it.") replaced by that box: the
+    text says keep and the box is kept, instead of creeping on to the exact GT by a few units."""
     out = [list(b) for b in boxes]
     for t in range(1, len(out)):
-        if iou(out[t - 1], gt_norm) >= FIT_IOU:
+        if iou(out[t - 1], gt_norm) >= fit_iou:
             out[t] = list(out[t - 1])
     return out
 

@@ -8,6 +8,9 @@ parsed text, as it does for any policy (IVT Sec. 3.2, forward-reasoning framing)
 GT) and writes at step t ``"<think>{reasoning}</think> [box_t]"``. The reasoning comes from the offline geometric
 teacher, or from a ``reasoner`` (the VLM teacher of :mod:`agents.synthesis.vlm_reasoner`) that sees the step's observation.
 
+Keeping (``keep_marker``, with plans that hold a fitting box): a step whose planned box equals the previous one
+writes the env's keep action (``<think>Box fits. Keep it.</think>``, no box), so the env carries the box exactly.
+
 Adaptive refinement (``stop_marker``, for an env with ``allow_stop=True``): the step whose box fits the GT
 (IoU >= ``stop_iou``) says why and carries the marker (:func:`~agents.teacher.geometric.stop_reasoning`,
 :func:`~agents.teacher.geometric.format_step`), so the episode ends there; plans are usually cut there already
@@ -43,8 +46,10 @@ class PlannedTeacher(Policy):
         seed: Optional[int] = 0,
         stop_marker: Optional[str] = None,
         stop_iou: float = FIT_IOU,
+        keep_marker: Optional[str] = None,
     ):
         self.plans = dict(plans)
+        self.keep_marker = keep_marker or None
         self.stop_marker, self.stop_iou = stop_marker, float(stop_iou)
         self.verbosity = verbosity
         self.reasoner = reasoner
@@ -95,6 +100,12 @@ class PlannedTeacher(Policy):
             stop = bool(self.stop_marker) and iou(new, gt) >= self.stop_iou
             if stop:
                 text = stop_reasoning(text, t)
-            out.append(PolicyOutput(text=format_step(text, new, self.stop_marker if stop else None),
-                                    extra={"teacher": source, **({"stop": True} if stop else {})}))
+            holds = prev is not None and t > 0 and list(new) == list(prev)  # the plan keeps the previous box
+            if holds and source == "geometric" and not stop and iou(prev, gt) < FIT_IOU:  # a near-fit kept (keep_iou)
+                text = geometric_reasoning(prev, new, prev, t, obs["expression"], self.rng, self.verbosity)
+            keep = bool(self.keep_marker) and not stop and holds
+            out.append(PolicyOutput(text=format_step(text, new, self.stop_marker if stop else None,
+                                                     keep_marker=self.keep_marker if keep else None),
+                                    extra={"teacher": source, **({"stop": True} if stop else {}),
+                                           **({"keep": True} if keep else {})}))
         return out

@@ -6,7 +6,8 @@ errors). Two stand-ins here need no model:
 - :func:`scripted_student_box`: the CPU default's student. No pre-trained VLM exists offline, so a scripted
   student imitates the error modes a grounding model shows: with probability ``p_wrong`` it answers a *distractor*
   (another object of the scene, from ``sample.meta["objects"]`` when the dataset provides it, else a random box:
-  "wrong object"), otherwise the GT box moved and rescaled by Gaussian noise ("shifted", "too large / small").
+  "wrong object"), with probability ``p_close`` a close answer (the GT slightly jittered: often a fit), otherwise
+  the GT box moved and rescaled by Gaussian noise ("shifted", "too large / small").
 - :func:`perturbed_gt_box`: the paper's ablation, a uniform random perturbation of the GT box (what IVT first tried
   and found to cause step-0 sandbagging under GRPO).
 
@@ -35,6 +36,22 @@ class ScriptedStudentConfig:
     """Std of the centre offset, as a fraction of the chosen box's width / height."""
     scale_sigma: float = 0.25
     """Std of the log of each side's scale factor."""
+    p_close: float = 0.0
+    """Probability of a close answer: the GT jittered by ``close_shift_sigma`` / ``close_scale_sigma`` (about 44%
+    of these fit, IoU >= 0.85). A trained grounder's step 0 is often right (the base checkpoint: about half its
+    test answers have IoU >= 0.75), and the broad jitter alone almost never fits (0.5% reach 0.85), so without
+    close answers the teacher rarely shows how to treat a box that is already right."""
+    close_shift_sigma: float = 0.05
+    """Std of a close answer's centre offset, as a fraction of the GT's width / height."""
+    close_scale_sigma: float = 0.06
+    """Std of the log of a close answer's per-side scale factor."""
+
+    def __post_init__(self):
+        for name in ("p_wrong", "p_close"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"scripted.{name} must be a probability in [0, 1], got {getattr(self, name)!r}")
+        if self.p_wrong + self.p_close > 1.0 + 1e-9:
+            raise ValueError(f"scripted.p_wrong + scripted.p_close must be at most 1, got {self.p_wrong} + {self.p_close}")
 
 
 @dataclass
@@ -90,10 +107,13 @@ def distractor_boxes_norm(sample) -> list[tuple[int, int, int, int]]:
 def scripted_student_box(sample, rng: random.Random, cfg: ScriptedStudentConfig) -> list[int]:
     """The scripted student's step-0 box for ``sample`` (see module doc)."""
     gt = to_norm(sample.gt_box, sample.width, sample.height)
-    if rng.random() < cfg.p_wrong:
+    u = rng.random()  # one draw picks the error mode (p_close = 0: the same random stream as before it existed)
+    if u < cfg.p_wrong:
         others = distractor_boxes_norm(sample)
         base = rng.choice(others) if others else random_box(rng)
         return _jitter(base, rng, cfg.shift_sigma / 2, cfg.scale_sigma / 2)
+    if u < cfg.p_wrong + cfg.p_close:
+        return _jitter(gt, rng, cfg.close_shift_sigma, cfg.close_scale_sigma)
     return _jitter(gt, rng, cfg.shift_sigma, cfg.scale_sigma)
 
 
