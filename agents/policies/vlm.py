@@ -349,7 +349,7 @@ class VLMPolicy(TrainablePolicy):
         """Teacher-forced log-probs and entropies of the generated tokens (B, G), right-padded, with ``mask``, each
         token scored at its step's sampling temperature (``Step.temperature``; 1 for greedy or unknown), as the
         rollout scored it. ``reference=True``: the frozen reference (adapter disabled / frozen copy) at the same
-        temperatures (the KL term compares like with like), never with grad."""
+        temperatures (the KL term compares like with like), never with grad; its ``entropy`` is zeros (unused)."""
         if reference and self.reference == "none":
             raise ValueError("token_logprobs(reference=True): this policy was loaded with reference='none' (no "
                              "frozen reference); load it with reference='initial' or 'base' for a KL term")
@@ -358,7 +358,7 @@ class VLMPolicy(TrainablePolicy):
             model = self.ref_model if self.ref_model is not None else self.hf_model
             with torch.no_grad(), self._reference_context(), self.eval_mode():
                 lp, ent, mask = teacher_forced(model, encoded, self.layout.pad_id, self.logit_filter,
-                                               temperature=True)
+                                               temperature=True, entropy=False)
         else:
             with torch.set_grad_enabled(grad):
                 lp, ent, mask = teacher_forced(self.hf_model, encoded, self.layout.pad_id, self.logit_filter,
