@@ -131,8 +131,12 @@ def test_scoring_fast_paths_equal_plain_forward(policy, groups):
     encoding memo: log-probs, entropies, reference log-probs and gradients equal the plain one-pass forward."""
     with plain(policy):
         want = score(policy, groups, share=False)
+    from agents.policies import logprobs
+
     with policy.encoding_cache():
+        logprobs._ROPE_MEMO.clear()
         got = score(policy, groups, share=True)
+        assert len(logprobs._ROPE_MEMO) == 1  # one batch: the policy and the reference pass share its positions
         again = score(policy, groups, share=True)  # memo hits: the same again
     assert_close(got, want)
     assert_close(again, got, atol=0)
@@ -202,12 +206,15 @@ def test_iteration_benchmark_prints_json(capsys):
 
     from benchmarks.grpo_iteration import main
 
-    assert main(["--reps", "1", "--bc-steps", "1", "--grpo-args", "--prompts-per-iter 1 --max-new-tokens 8",
-                 "--bc-args", "--batch-size 2"]) == 0
+    assert main(["--reps", "1", "--bc-steps", "1", "--grpo-args", "--prompts-per-iter 2 --max-new-tokens 8",
+                 "--before-rollout-batch", "6", "--bc-args", "--batch-size 2"]) == 0
     out = json.loads(capsys.readouterr().out)
     g = out["grpo"]
     assert {"collect", "reference_pass", "policy_forward", "backward", "optimizer", "iteration_s"} <= set(g["after"])
-    assert g["checks"][0]["loss_before"] == pytest.approx(g["checks"][0]["loss_after"], abs=1e-5)
+    assert g["rollout_batch"] == {"before": 6, "after": 12}  # after: the config's -1, prompts x N in one batch
+    same = {c["mode"]: c for c in g["checks"]}["after_oldbatch"]  # the new code at the old batch: same rollouts
+    assert same["same_step_tokens"] == 1.0 and same["rollout_batch"] == 6
+    assert same["loss_before"] == pytest.approx(same["loss_after_oldbatch"], abs=1e-5)
     for phase in ("phase1", "phase2"):
         assert {"data", "forward", "backward", "step_s"} <= set(out["bc"][phase]["before"])
         assert out["bc"][phase]["checks"][0]["max_loss_diff"] < 1e-4
