@@ -257,3 +257,30 @@ def test_fast_paths_both_architectures(tiny_any):
     with plain(pol):
         want = score(pol, trajs, share=False)
     assert_close(score(pol, trajs), want)
+
+
+@pytest.mark.parametrize("shapes", [[(128, 128)] * 3, [(128, 128), (96, 160), (128, 128), (64, 64), (96, 160)]])
+def test_batched_vision_attention_equals_per_image_loop(policy, shapes):
+    """Images of one patch count in one batched sdpa call (mixed sizes: gathered per size and put back in order):
+    features, deepstack features and gradients equal transformers' per-image attention loop."""
+    visual = policy.hf_model.model.visual
+    assert type(visual.blocks[0].attn).__name__.startswith("Batched")
+    chunks = [policy.layout.refine_chunk(rand_image(i, *s)) for i, s in enumerate(shapes)]
+    pixels = torch.cat([c.pixel_values for c in chunks])
+    grid = torch.cat([c.image_grid_thw for c in chunks])
+
+    def run():
+        policy.model.zero_grad()
+        out = policy.hf_model.model.get_image_features(pixels, grid, return_dict=True)
+        feats = torch.cat(list(out.pooler_output))
+        deep = torch.cat([torch.cat(list(f)) if isinstance(f, (tuple, list)) else f for f in out.deepstack_features])
+        (feats.square().sum() + deep.sum()).backward()
+        return feats.detach(), deep.detach(), [p.grad.clone() for p in visual.parameters() if p.grad is not None]
+
+    got = run()
+    with plain():
+        want = run()
+    assert torch.allclose(got[0], want[0], atol=1e-5) and torch.allclose(got[1], want[1], atol=1e-5)
+    assert len(got[2]) == len(want[2]) > 0
+    for x, y in zip(got[2], want[2]):
+        assert torch.allclose(x, y, atol=1e-5, rtol=1e-4), (x - y).abs().max()
