@@ -33,8 +33,19 @@ only): "after" plus the batches drawn and encoded in a worker process (:class:`a
 "after_noshrink" (GRPO only, ``--grpo-noshrink 1``): "after" with the finished rows kept (``shrink_at = 0``), so
 ``shrink_speedup`` (after_noshrink / after) is what that buys, same run, same tokens.
 
+Rollout batch (third pass of issue 16): "before" collects in engine batches of the default before issue 16
+(``--before-rollout-batch``, 0: min(prompts x N, 4 N) = 24), "after" with the config's ``rollout_batch`` (-1: all
+8 x 6 trajectories in one batch). Other batches draw other random numbers per row, so "after" samples other
+trajectories than "before" (``same_step_tokens`` 0, no weight comparison: the curves of whole runs are compared
+instead, README "Benchmarks"); "after_oldbatch" (``--grpo-oldbatch 1``, the default) runs the new code at the old
+batch, checked against "before" (same tokens, loss, gradient norm, weights), and ``rollout_batch_speedup``
+(after_oldbatch / after) is what the one batch buys. The vision tower's per-image attention runs batched per patch
+count in "after" (:func:`agents.policies.vision.batched_vision_attention`); the reference pass computes no
+entropies and the engine memoises chunk positions in every mode (so "before" is slightly faster than before
+issue 16: the ratios are conservative).
+
     OMP_NUM_THREADS=1 python benchmarks/grpo_iteration.py --threads 1               # both parts, about 3 min
-    OMP_NUM_THREADS=1 python benchmarks/grpo_iteration.py --part grpo --reps 2
+    OMP_NUM_THREADS=1 python benchmarks/grpo_iteration.py --part grpo --reps 4 --grpo-noshrink 0
 """
 
 from __future__ import annotations
