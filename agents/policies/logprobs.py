@@ -246,7 +246,7 @@ _ROPE_MEMO: dict = {}  # the last two batches' rope positions (GRPO's reference 
 def _rope_index(model: Any, ids: torch.Tensor, mm: torch.Tensor, grid: torch.Tensor, attn: torch.Tensor):
     """The model's own ``get_rope_index`` (3, B, L) of a padded batch, memoised (~70 ms a GRPO batch: once a step)."""
     key = (type(model.model), getattr(getattr(model.config, "vision_config", None), "spatial_merge_size", None),
-           tuple(ids.shape), *(t.numpy().tobytes() for t in (ids, mm, grid, attn)))
+           tuple(ids.shape), *(t.cpu().numpy().tobytes() for t in (ids, mm, grid, attn)))
     if key not in _ROPE_MEMO:
         while len(_ROPE_MEMO) >= 2:
             _ROPE_MEMO.pop(next(iter(_ROPE_MEMO)))
