@@ -33,8 +33,19 @@ only): "after" plus the batches drawn and encoded in a worker process (:class:`a
 "after_noshrink" (GRPO only, ``--grpo-noshrink 1``): "after" with the finished rows kept (``shrink_at = 0``), so
 ``shrink_speedup`` (after_noshrink / after) is what that buys, same run, same tokens.
 
+Rollout batch (third pass of issue 16): "before" collects in engine batches of the default before issue 16
+(``--before-rollout-batch``, 0: min(prompts x N, 4 N) = 24), "after" with the config's ``rollout_batch`` (-1: all
+8 x 6 trajectories in one batch). Other batches draw other random numbers per row, so "after" samples other
+trajectories than "before" (``same_step_tokens`` 0, no weight comparison: the curves of whole runs are compared
+instead, README "Benchmarks"); "after_oldbatch" (``--grpo-oldbatch 1``, the default) runs the new code at the old
+batch, checked against "before" (same tokens, loss, gradient norm, weights), and ``rollout_batch_speedup``
+(after_oldbatch / after) is what the one batch buys. The vision tower's per-image attention runs batched per patch
+count in "after" (:func:`agents.policies.vision.batched_vision_attention`); the reference pass computes no
+entropies and the engine memoises chunk positions in every mode (so "before" is slightly faster than before
+issue 16: the ratios are conservative).
+
     OMP_NUM_THREADS=1 python benchmarks/grpo_iteration.py --threads 1               # both parts, about 3 min
-    OMP_NUM_THREADS=1 python benchmarks/grpo_iteration.py --part grpo --reps 2
+    OMP_NUM_THREADS=1 python benchmarks/grpo_iteration.py --part grpo --reps 4 --grpo-noshrink 0
 """
 
 from __future__ import annotations
@@ -182,8 +193,10 @@ def grpo_part(args) -> dict:
     optimizer = make_optimizer(list(policy.trainable_parameters()), cfg)
     train_env = env_factory(cfg, cfg.train_split)
     n_train = split_size(train_env)
-    collector = Collector(train_env, num_envs=cfg.rollout_batch or min(cfg.prompts_per_iter * cfg.group_size,
-                                                                       4 * cfg.group_size))
+    old_slots = args.before_rollout_batch or min(cfg.prompts_per_iter * cfg.group_size, 4 * cfg.group_size)
+    new_slots = cfg.rollout_slots()
+    collectors = {"new": Collector(train_env, num_envs=new_slots)}
+    collectors["old"] = collectors["new"] if old_slots == new_slots else Collector(train_env, num_envs=old_slots)
     sampling = dataclasses.replace(SamplingParams.from_config(cfg), branch=cfg.branch_size)
     norm_len = cfg.max_new_tokens * (cfg.max_refine_steps + 1)
 
@@ -193,6 +206,7 @@ def grpo_part(args) -> dict:
         guidance sequences)."""
         after = mode != "before"
         set_mode(policy, after, shrink=mode != "after_noshrink")
+        collector = collectors["old" if mode in ("before", "after_oldbatch") else "new"]
         cache = grpo_trainer._encoding_cache(policy) if after else contextlib.nullcontext()
         with contextlib.ExitStack() as stack:
             stack.enter_context(instrument(clock, policy, optimizer))
@@ -213,7 +227,8 @@ def grpo_part(args) -> dict:
 
     n_img = {}
     iteration(0, "after", Clock())  # warm-up (not timed)
-    modes = ["before", "after"] + (["after_noshrink"] if args.grpo_noshrink else [])
+    modes = ["before", "after"] + (["after_noshrink"] if args.grpo_noshrink else []) + (
+        ["after_oldbatch"] if args.grpo_oldbatch and old_slots != new_slots else [])
     clocks = {m: Clock() for m in modes}
     checks = []
     for r in range(args.reps):
@@ -235,15 +250,19 @@ def grpo_part(args) -> dict:
             same_tok = sum(x == y for x, y in zip(tb, ta)) / max(len(tb), 1)
             sfx = "" if mode == "after" else "_" + mode
             checks.append({"iteration": it, "mode": mode, "same_step_tokens": round(same_tok, 4),
+                           "rollout_batch": old_slots if mode in ("before", "after_oldbatch") else new_slots,
                            "loss_before": sb.loss, f"loss{sfx or '_after'}": sa.loss,
                            "grad_norm_before": sb.grad_norm, f"grad_norm{sfx or '_after'}": sa.grad_norm,
                            "max_param_diff": max_param_diff(pb, pa) if same_tok == 1.0 else None,
                            "iteration_speedup": round(secs["before"] / secs[mode], 2)})
         if "after_noshrink" in secs:
             checks[-1]["shrink_speedup"] = round(secs["after_noshrink"] / secs["after"], 3)
+        if "after_oldbatch" in secs:
+            checks[-1]["rollout_batch_speedup"] = round(secs["after_oldbatch"] / secs["after"], 3)
         # continue from the "after" weights
     set_mode(policy, True)
     out = {"config": "grpo_cpu.yaml", "reps": args.reps, "modes": modes, "checks": checks,
+           "rollout_batch": {"before": old_slots, "after": new_slots},
            "fast_encode_kept": bool(policy.layout.fast_encode), "encode_memo_hits_per_iteration": n_img.get("after")}
     return {**out, **summarise(clocks, args.reps, "iteration_s")}
 
@@ -355,6 +374,10 @@ def main(argv=None) -> int:
                     "(after_prefetch)")
     ap.add_argument("--grpo-noshrink", type=int, default=1, help="1: also measure GRPO with finished rows kept "
                     "in the rollout engine's decode batch (after_noshrink: RolloutEngine.shrink_at = 0)")
+    ap.add_argument("--before-rollout-batch", type=int, default=0, help="the rollout batch of \"before\" "
+                    "(0: the default before issue 16, min(prompts x N, 4 N) = 24; \"after\" runs the config's)")
+    ap.add_argument("--grpo-oldbatch", type=int, default=1, help="1: also measure GRPO with the new code at the "
+                    "before's rollout batch (after_oldbatch: the same rollouts as before, checked)")
     ap.add_argument("--grpo-args", default="", help="extra `agents.grpo train` options in one string, e.g. "
                     "'--beta 0'")
     ap.add_argument("--bc-args", default="", help="extra `agents.bc train` options in one string")

@@ -79,7 +79,9 @@ class GRPOConfig:
     prompts_per_iter: int = 8
     """Prompts (groups) collected per iteration on each rank."""
     rollout_batch: int = 0
-    """Trajectories generated together in one lock-step batch (env slots; 0: min(prompts x N, 4 N))."""
+    """Trajectories generated together in one lock-step batch (env slots; 0: min(prompts x N, 4 N); -1: prompts x
+    N, all of an iteration's trajectories in one batch: half the decode forwards of two batches, other random draws
+    per row than smaller batches, hence other trajectories)."""
     temperature_first: float = 1.0
     """Sampling temperature at step 0 (IVT: 1.0)."""
     temperature_refine: float = 0.7
@@ -185,6 +187,12 @@ class GRPOConfig:
     progress: bool = True
     """Show tqdm progress bars."""
 
+    def rollout_slots(self) -> int:
+        """Env slots of one collection batch (``rollout_batch``; 0: min(prompts x N, 4 N); -1: prompts x N)."""
+        if self.rollout_batch < 0:
+            return self.prompts_per_iter * self.group_size
+        return self.rollout_batch or min(self.prompts_per_iter * self.group_size, 4 * self.group_size)
+
     def validate(self) -> None:
         """Raise ValueError naming the field for inconsistent settings."""
         checks = [
@@ -212,7 +220,8 @@ class GRPOConfig:
             (self.branch_size >= 1 and self.group_size % self.branch_size == 0,
              f"branch_size {self.branch_size} must be >= 1 and divide group_size {self.group_size} (the CPU default "
              "branches by 3: --branch-size 1 gives N independent trajectories)"),
-            (self.branch_size == 1 or (self.rollout_batch or 4 * self.group_size) % self.group_size == 0,
+            (self.rollout_batch >= -1, f"rollout_batch must be >= -1 (-1: prompts x N), got {self.rollout_batch}"),
+            (self.branch_size == 1 or self.rollout_slots() % self.group_size == 0,
              "branch_size > 1 needs rollout_batch to be a multiple of group_size (siblings in one batch)"),
             (self.step_advantage != "branch" or self.branch_size >= 2, "step_advantage 'branch' needs branch_size >= 2"),
             (self.step_score in ("iou", "reward"), "step_score must be iou|reward"),

@@ -58,7 +58,7 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
     n_train = min(n_train, cfg.train_limit) if cfg.train_limit else n_train
     dist = distributed.init_distributed()
     run_dir, policy, optimizer, scheduler, state, log = _setup_run(cfg, dist)
-    n_slots = cfg.rollout_batch or min(cfg.prompts_per_iter * cfg.group_size, 4 * cfg.group_size)
+    n_slots = cfg.rollout_slots()
     collector = Collector(train_env, num_envs=n_slots)
     val = None
     if dist.is_main and cfg.eval_every:  # envs built once, reused by every validation

@@ -51,7 +51,8 @@ class TrainablePolicy(Policy):
     def token_logprobs(self, trajectories: Sequence[Any], *, reference: bool = False, grad: bool = True) -> TokenLogprobs:
         """Teacher-forced log-probs and entropies of each trajectory's generated tokens (token-in / token-out:
         the stored ``token_ids``/``injected_ids`` are used as they are). ``reference=True``: under the frozen
-        reference policy (LoRA adapter disabled, or a frozen copy), never with grad."""
+        reference policy (LoRA adapter disabled, or a frozen copy), never with grad (its entropies may be zeros:
+        the KL term reads only the log-probs)."""
         raise NotImplementedError
 
     def bc_loss(self, trajectories: Sequence[Any], options: Optional[BCLossOptions] = None) -> tuple[Any, int]:

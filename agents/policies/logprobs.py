@@ -13,17 +13,16 @@ one-pass forward.
 
 Images (one per step): ``Step.observation`` (the collector keeps them with ``keep_observations=True``), else
 ``Step.image_path`` (PNG written by ``agents.synthesis``), else rendered: the original image (``meta["image"]``
-array, ``meta["image_path"]`` file, step 0's observation / image_path, or an ``image_resolver(traj)`` callable,
-an ``image_resolver(traj)`` callable) with the previous step's box drawn by ``ivt_env.rendering.draw_box`` (nothing
-drawn when that box was invalid), as the env does: :func:`rollouts.observations.trajectory_images`.
+array, ``meta["image_path"]`` file, step 0's observation / image_path, or an ``image_resolver(traj)`` callable)
+with the previous step's box drawn by ``ivt_env.rendering.draw_box`` (nothing drawn when that box was invalid), as
+the env does: :func:`rollouts.observations.trajectory_images`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-import numpy as np
 import torch
 
 from agents.policies.engine import LogitFilter
@@ -241,6 +240,21 @@ def _segment(rows: Sequence[int], start: Sequence[int], end: Sequence[int], ids:
     return s_ids, s_attn, s_pos, W
 
 
+_ROPE_MEMO: dict = {}  # the last two batches' rope positions (GRPO's reference and policy passes score one batch)
+
+
+def _rope_index(model: Any, ids: torch.Tensor, mm: torch.Tensor, grid: torch.Tensor, attn: torch.Tensor):
+    """The model's own ``get_rope_index`` (3, B, L) of a padded batch, memoised (~70 ms a GRPO batch: once a step)."""
+    key = (type(model.model), getattr(getattr(model.config, "vision_config", None), "spatial_merge_size", None),
+           tuple(ids.shape), *(t.cpu().numpy().tobytes() for t in (ids, mm, grid, attn)))
+    if key not in _ROPE_MEMO:
+        while len(_ROPE_MEMO) >= 2:
+            _ROPE_MEMO.pop(next(iter(_ROPE_MEMO)))
+        _ROPE_MEMO[key] = model.model.get_rope_index(input_ids=ids, mm_token_type_ids=mm, image_grid_thw=grid,
+                                                     attention_mask=attn)[0]
+    return _ROPE_MEMO[key]
+
+
 def _shared_prefix_hidden(model: Any, encoded: Sequence[EncodedTrajectory], plan: tuple, ids: torch.Tensor,
                           attn: torch.Tensor, mm: torch.Tensor, b_idx: torch.Tensor, j_idx: torch.Tensor,
                           pad_id: int, dev: Any) -> torch.Tensor:
@@ -255,9 +269,7 @@ def _shared_prefix_hidden(model: Any, encoded: Sequence[EncodedTrajectory], plan
 
     levels, rest_start = plan
     B = len(encoded)
-    pos, _ = model.model.get_rope_index(input_ids=ids, mm_token_type_ids=mm,
-                                        image_grid_thw=torch.cat([e.image_grid_thw for e in encoded]),
-                                        attention_mask=attn)  # (3, B, L) as the one-pass forward computes them
+    pos = _rope_index(model, ids, mm, torch.cat([e.image_grid_thw for e in encoded]), attn)  # (3, B, L)
     per_row = [_per_image(e) for e in encoded]
     cache = DynamicCache(config=model.config)
     cache_kw = vision.cache_kwarg(model.model)

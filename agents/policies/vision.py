@@ -7,7 +7,9 @@ of its image (:func:`~agents.policies.vlm_prompt.image_key`); :func:`vision_inpu
 distinct images only and hands the model per-image features through ``mm_encoder_outputs`` (transformers' precomputed
 multimodal features), so everything after the vision tower is unchanged. The vision tower treats every image
 independently (per-image attention windows), so the features are the same up to float rounding of the batched
-matmuls, and the gradient of a shared image is the sum over its uses, as before.
+matmuls, and the gradient of a shared image is the sum over its uses, as before. Inside the tower, the patch
+embedding runs as a matmul (:func:`linear_patch_embeddings`) and Qwen3-VL's per-image attention loop as one batched
+call per patch count (:func:`batched_vision_attention`); ``ENABLED`` False restores transformers' own forwards.
 """
 
 from __future__ import annotations
@@ -117,3 +119,58 @@ def linear_patch_embeddings(model: torch.nn.Module) -> int:
         m.__class__ = _LINEAR_CLASSES[cls]
         n += 1
     return n
+
+
+# ------------------------------------------------------------------------------------------- vision attention
+_BATCHED_CLASSES: dict[type, type] = {}
+
+
+def _batched_vision_attention(self: torch.nn.Module, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor,
+                              position_embeddings: Any = None, max_seqlen: Any = None, **kwargs: Any) -> torch.Tensor:
+    """Qwen3-VL's vision attention under sdpa, which runs one attention call per image (a Python loop over the
+    ``cu_seqlens`` chunks: 72 images a GRPO batch), with the images of one patch count stacked into ONE batched
+    call instead: the same per-image attention (no image sees another), the same result up to float rounding."""
+    if not ENABLED or self.config._attn_implementation != "sdpa" or kwargs.get("output_attentions"):
+        return super(type(self), self).forward(hidden_states, cu_seqlens, position_embeddings=position_embeddings,
+                                               max_seqlen=max_seqlen, **kwargs)
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import apply_rotary_pos_emb_vision
+
+    n = hidden_states.shape[0]
+    q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # (N, H, d)
+    q, k = apply_rotary_pos_emb_vision(q, k, *position_embeddings)
+    starts, lengths = cu_seqlens[:-1].tolist(), (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    drop = self.attention_dropout if self.training else 0.0
+    parts, order = [], []
+    for length in dict.fromkeys(lengths):  # one batched call per patch count, images in their order
+        imgs = [s for s, m in zip(starts, lengths) if m == length]
+        if len(imgs) == len(starts):  # every image alike: a view, no gather
+            qg, kg, vg = (x.view(len(imgs), length, *x.shape[1:]) for x in (q, k, v))
+        else:
+            idx = torch.cat([torch.arange(s, s + length) for s in imgs]).to(q.device)
+            qg, kg, vg = (x[idx].view(len(imgs), length, *x.shape[1:]) for x in (q, k, v))
+            order.append(idx)
+        o = torch.nn.functional.scaled_dot_product_attention(qg.transpose(1, 2), kg.transpose(1, 2),
+                                                             vg.transpose(1, 2), dropout_p=drop, scale=self.scaling)
+        parts.append(o.transpose(1, 2).reshape(-1, *q.shape[1:]))  # (images x length, H, d)
+    out = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.argsort(torch.cat(order))]
+    return self.proj(out.reshape(n, -1))
+
+
+def batched_vision_attention(model: torch.nn.Module) -> int:
+    """Give every Qwen3-VL vision attention module of ``model`` the :func:`_batched_vision_attention` forward (a
+    subclass of its own class, as :func:`linear_patch_embeddings`); returns how many were changed."""
+    n = 0
+    for m in model.modules():
+        cls = type(m)
+        if cls.__name__ != "Qwen3VLVisionAttention" or not all(hasattr(m, a) for a in ("qkv", "proj", "scaling")):
+            continue
+        if cls not in _BATCHED_CLASSES:
+            _BATCHED_CLASSES[cls] = type("Batched" + cls.__name__, (cls,), {"forward": _batched_vision_attention})
+        m.__class__ = _BATCHED_CLASSES[cls]
+        n += 1
+    return n
+
+
+def fast_vision(model: torch.nn.Module) -> int:
+    """:func:`linear_patch_embeddings` and :func:`batched_vision_attention` on ``model``: modules changed."""
+    return linear_patch_embeddings(model) + batched_vision_attention(model)

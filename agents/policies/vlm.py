@@ -49,7 +49,7 @@ from agents.policies.base import BCLossOptions, PolicyOutput, SamplingParams, To
 from agents.policies.engine import LogitFilter, RolloutEngine
 from agents.policies.logprobs import (IGNORE, EncodedTrajectory, ImageResolver, NumberSmoothing, encode_trajectory,
                                       mask_targets, number_token_ids, teacher_forced)
-from agents.policies.vision import linear_patch_embeddings
+from agents.policies.vision import fast_vision
 from agents.policies.vlm_processor import load_processor
 from agents.policies.vlm_setup import (
     LoraSettings,
@@ -83,7 +83,7 @@ class VLMPolicy(TrainablePolicy):
         self.image_resolver = image_resolver
         self.reference_adapter = reference_adapter  # peft adapter name of the frozen reference, if any
         self.model_type = self.hf_model.config.model_type
-        linear_patch_embeddings(self.hf_model)  # the patch Conv3d as a matmul (issue 16: same weights, cheaper)
+        fast_vision(self.hf_model)  # patch Conv3d as a matmul, batched vision attention (issue 16: same weights)
         self.layout = PromptLayout(processor, prompts, self.model_type)
         self.logit_filter = LogitFilter(len(self.tokenizer), self.layout.placeholder_ids)
         self.engine = RolloutEngine(self.hf_model, self.layout, self.logit_filter)
@@ -349,7 +349,7 @@ class VLMPolicy(TrainablePolicy):
         """Teacher-forced log-probs and entropies of the generated tokens (B, G), right-padded, with ``mask``, each
         token scored at its step's sampling temperature (``Step.temperature``; 1 for greedy or unknown), as the
         rollout scored it. ``reference=True``: the frozen reference (adapter disabled / frozen copy) at the same
-        temperatures (the KL term compares like with like), never with grad."""
+        temperatures (the KL term compares like with like), never with grad; its ``entropy`` is zeros (unused)."""
         if reference and self.reference == "none":
             raise ValueError("token_logprobs(reference=True): this policy was loaded with reference='none' (no "
                              "frozen reference); load it with reference='initial' or 'base' for a KL term")
@@ -358,7 +358,7 @@ class VLMPolicy(TrainablePolicy):
             model = self.ref_model if self.ref_model is not None else self.hf_model
             with torch.no_grad(), self._reference_context(), self.eval_mode():
                 lp, ent, mask = teacher_forced(model, encoded, self.layout.pad_id, self.logit_filter,
-                                               temperature=True)
+                                               temperature=True, entropy=False)
         else:
             with torch.set_grad_enabled(grad):
                 lp, ent, mask = teacher_forced(self.hf_model, encoded, self.layout.pad_id, self.logit_filter,

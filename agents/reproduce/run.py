@@ -21,6 +21,10 @@ from agents.reproduce.rows import ROWS, SHIPPED, findings
 PROG = "python -m agents.reproduce"
 ENV_ID = "IVT-Synthetic-v0"
 DONE = "DONE"  # marker a finished training stage leaves in its folder (a re-run skips it)
+# the shipped GRPO assets (and the full mode's measured figures) were trained with two engine batches of 24
+# trajectories, the default before issue 16; configs/grpo_cpu.yaml now collects all 48 in one batch (other random
+# draws per row, so other trajectories): the GRPO stages pin the old value so that they reproduce the assets
+ASSET_ROLLOUT_BATCH = 24
 
 
 @dataclass
@@ -78,6 +82,7 @@ def _grpo_stage(cfg: ReproduceConfig, out: Path, init_from: Path, **overrides: A
     from agents.grpo import GRPOConfig, train
 
     g = load_yaml(GRPOConfig, "grpo_cpu.yaml")
+    overrides = {"rollout_batch": ASSET_ROLLOUT_BATCH, **overrides}
     g = dataclasses.replace(g, out=str(out), seed=cfg.seed, threads=cfg.threads, progress=cfg.progress,
                             init_from=str(init_from), **_continue(out), **overrides)
     train(g)

@@ -295,3 +295,26 @@ def test_branching_groups_with_per_step_advantages(tiny_model, tmp_path, monkeyp
         assert batch[k].group_id == batch[k + 1].group_id
     with pytest.raises(ValueError, match="branch_size"):
         _cfg(tiny_model, tmp_path / "x", group_size=4, branch_size=3).validate()
+
+
+def test_rollout_batch_all_trajectories_in_one_batch(tiny_model, tmp_path, monkeypatch):
+    """rollout_batch -1 (the CPU default): prompts x N env slots, one engine batch per iteration; 0: the older
+    min(prompts x N, 4 N); a branching group must fit in a batch."""
+    assert GRPOConfig(prompts_per_iter=8, group_size=6, rollout_batch=0).rollout_slots() == 24
+    assert GRPOConfig(prompts_per_iter=8, group_size=6, rollout_batch=-1).rollout_slots() == 48
+    assert GRPOConfig(prompts_per_iter=8, group_size=6, rollout_batch=30).rollout_slots() == 30
+    GRPOConfig(group_size=7, branch_size=7, rollout_batch=-1).validate()  # 8 x 7 slots: groups never split
+    with pytest.raises(ValueError, match="rollout_batch"):
+        GRPOConfig(rollout_batch=-2).validate()
+    slots = []
+    real = grpo.Collector
+
+    def spy(envs, num_envs=None, **kw):
+        slots.append(num_envs if num_envs is not None else len(envs))
+        return real(envs, num_envs=num_envs, **kw)
+
+    monkeypatch.setattr(grpo, "Collector", spy)
+    cfg = _cfg(tiny_model, tmp_path / "run", group_size=2, prompts_per_iter=3, rollout_batch=-1, eval_every=1,
+               eval_limit=2, val_size=2)
+    assert grpo.train(cfg)["iterations"] == 1
+    assert slots == [6, 2]  # training: 3 prompts x 2 in one batch; validation: eval_limit envs

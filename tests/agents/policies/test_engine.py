@@ -300,3 +300,22 @@ def test_lean_decode_equals_the_full_model_call(tiny_any):
     for a, b in zip(out[True], out[False]):
         assert a.token_ids == b.token_ids and a.stop == b.stop
         assert np.allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_local_positions_memo_equals_get_rope_index(tiny_q3):
+    """The engine's chunk positions are memoised by placeholder layout and grid: each equals the model's own
+    get_rope_index of that sequence, for pending answers of any length and other grids."""
+    eng = make_engine(tiny_q3)
+    c1 = eng.layout.refine_chunk(rand_image(1))
+    c2 = eng.layout.refine_chunk(rand_image(2, 96, 160))
+    for pending in ([], [11], [12], [11, 13]):  # [11] and [12]: one layout, one memo entry
+        for c in (c1, c2):
+            seq = pending + c.ids
+            got = eng._local_positions(seq, c.image_grid_thw)
+            ids = torch.tensor([seq])
+            want = eng.model.model.get_rope_index(input_ids=ids, image_grid_thw=c.image_grid_thw,
+                                                  mm_token_type_ids=mm_token_types(ids, eng.layout.image_token_id))[0]
+            assert torch.equal(got, want[:, 0, :])
+    assert len(eng._pos_memo) == 6
+    text = eng._local_positions([5, 6, 7], None)
+    assert torch.equal(text, torch.arange(3).view(1, -1).expand(3, -1))

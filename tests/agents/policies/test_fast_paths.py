@@ -131,8 +131,12 @@ def test_scoring_fast_paths_equal_plain_forward(policy, groups):
     encoding memo: log-probs, entropies, reference log-probs and gradients equal the plain one-pass forward."""
     with plain(policy):
         want = score(policy, groups, share=False)
+    from agents.policies import logprobs
+
     with policy.encoding_cache():
+        logprobs._ROPE_MEMO.clear()
         got = score(policy, groups, share=True)
+        assert len(logprobs._ROPE_MEMO) == 1  # one batch: the policy and the reference pass share its positions
         again = score(policy, groups, share=True)  # memo hits: the same again
     assert_close(got, want)
     assert_close(again, got, atol=0)
@@ -202,12 +206,15 @@ def test_iteration_benchmark_prints_json(capsys):
 
     from benchmarks.grpo_iteration import main
 
-    assert main(["--reps", "1", "--bc-steps", "1", "--grpo-args", "--prompts-per-iter 1 --max-new-tokens 8",
-                 "--bc-args", "--batch-size 2"]) == 0
+    assert main(["--reps", "1", "--bc-steps", "1", "--grpo-args", "--prompts-per-iter 2 --max-new-tokens 8",
+                 "--before-rollout-batch", "6", "--bc-args", "--batch-size 2"]) == 0
     out = json.loads(capsys.readouterr().out)
     g = out["grpo"]
     assert {"collect", "reference_pass", "policy_forward", "backward", "optimizer", "iteration_s"} <= set(g["after"])
-    assert g["checks"][0]["loss_before"] == pytest.approx(g["checks"][0]["loss_after"], abs=1e-5)
+    assert g["rollout_batch"] == {"before": 6, "after": 12}  # after: the config's -1, prompts x N in one batch
+    same = {c["mode"]: c for c in g["checks"]}["after_oldbatch"]  # the new code at the old batch: same rollouts
+    assert same["same_step_tokens"] == 1.0 and same["rollout_batch"] == 6
+    assert same["loss_before"] == pytest.approx(same["loss_after_oldbatch"], abs=1e-5)
     for phase in ("phase1", "phase2"):
         assert {"data", "forward", "backward", "step_s"} <= set(out["bc"][phase]["before"])
         assert out["bc"][phase]["checks"][0]["max_loss_diff"] < 1e-4
@@ -250,3 +257,30 @@ def test_fast_paths_both_architectures(tiny_any):
     with plain(pol):
         want = score(pol, trajs, share=False)
     assert_close(score(pol, trajs), want)
+
+
+@pytest.mark.parametrize("shapes", [[(128, 128)] * 3, [(128, 128), (96, 160), (128, 128), (64, 64), (96, 160)]])
+def test_batched_vision_attention_equals_per_image_loop(policy, shapes):
+    """Images of one patch count in one batched sdpa call (mixed sizes: gathered per size and put back in order):
+    features, deepstack features and gradients equal transformers' per-image attention loop."""
+    visual = policy.hf_model.model.visual
+    assert type(visual.blocks[0].attn).__name__.startswith("Batched")
+    chunks = [policy.layout.refine_chunk(rand_image(i, *s)) for i, s in enumerate(shapes)]
+    pixels = torch.cat([c.pixel_values for c in chunks])
+    grid = torch.cat([c.image_grid_thw for c in chunks])
+
+    def run():
+        policy.model.zero_grad()
+        out = policy.hf_model.model.get_image_features(pixels, grid, return_dict=True)
+        feats = torch.cat(list(out.pooler_output))
+        deep = torch.cat([torch.cat(list(f)) if isinstance(f, (tuple, list)) else f for f in out.deepstack_features])
+        (feats.square().sum() + deep.sum()).backward()
+        return feats.detach(), deep.detach(), [p.grad.clone() for p in visual.parameters() if p.grad is not None]
+
+    got = run()
+    with plain():
+        want = run()
+    assert torch.allclose(got[0], want[0], atol=1e-5) and torch.allclose(got[1], want[1], atol=1e-5)
+    assert len(got[2]) == len(want[2]) > 0
+    for x, y in zip(got[2], want[2]):
+        assert torch.allclose(x, y, atol=1e-5, rtol=1e-4), (x - y).abs().max()

@@ -79,3 +79,21 @@ def test_bc_stage_continues_the_base_run(tmp_path):
     assert (bc / "base" / "config.json").is_file() and not (tmp_path / "bc.seeding").exists()
     assert read_state(ckpt)["best"] == 0.54  # the base run is untouched
     assert not seed_bc_from_base(base, bc, phase1=40)  # never over an existing bc folder
+
+
+def test_grpo_stages_pin_the_assets_rollout_batch(tmp_path, monkeypatch):
+    """The shipped GRPO assets were trained with engine batches of 24 (the default before issue 16); the default
+    config now collects 48 at once, so the full mode pins 24 to reproduce them."""
+    import agents.grpo
+    from agents.common.config import load_yaml
+    from agents.grpo import GRPOConfig
+    from agents.reproduce.run import ASSET_ROLLOUT_BATCH, ReproduceConfig, _grpo_stage
+
+    seen = []
+    monkeypatch.setattr(agents.grpo, "train", lambda g: seen.append(g))
+    _grpo_stage(ReproduceConfig(), tmp_path / "g", tmp_path / "sft")
+    _grpo_stage(ReproduceConfig(), tmp_path / "s", tmp_path / "sft", max_refine_steps=0, branch_size=1)
+    assert [g.rollout_batch for g in seen] == [ASSET_ROLLOUT_BATCH] * 2 == [24, 24]
+    assert seen[1].max_refine_steps == 0
+    cpu = load_yaml(GRPOConfig, "grpo_cpu.yaml")
+    assert cpu.rollout_batch == -1 and cpu.rollout_slots() == 48  # the default: one batch of 8 x 6
