@@ -138,7 +138,8 @@ def _iteration(cfg: GRPOConfig, it: int, policy: Any, optimizer: Any, collector:
     batch = [t for g in groups for t in g]
     # per trajectory (B,) as in IVT, or per step (B, S) with cfg.step_advantage (agents.grpo.step_credit)
     upd_adv = update_advantages(cfg, groups, rewards, adv)
-    # teacher guidance (off by default): the teacher's answer to each refinement state visited (DAgger targets)
+    # teacher guidance (guide_coef > 0; on in grpo_cpu.yaml, off in the paper config): the teacher's answer to each
+    # refinement state visited (DAgger targets)
     guide = (guidance_trajectories(batch, verbosity=cfg.guide_verbosity, states=cfg.guide_states,
                                    keep_marker=cfg.guide_keep)
              if cfg.guide_coef else [])
