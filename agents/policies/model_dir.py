@@ -52,3 +52,19 @@ def model_label(path: str | os.PathLike) -> str:
                                  or parts[-keep] == "checkpoints"):
         keep += 1
     return "/".join(p for p in parts[-keep:] if p not in ("checkpoints", "policy"))
+
+
+def recorded_stop_marker(path: str | os.PathLike) -> str | None:
+    """The env stop marker a model folder was trained to write (``"stop_marker"`` in its ``ivt_policy.json``, e.g.
+    ``"fits."`` for a model that stops with its own words, issue 14); None when none is recorded or the path is not
+    a local folder. ``python -m agents.evaluate --model DIR --allow-stop`` runs the env with it unless
+    ``--env-kwargs`` names one."""
+    import json
+
+    f = Path(str(path)) / "ivt_policy.json"
+    if not f.is_file():
+        return None
+    value = json.loads(f.read_text()).get("stop_marker")
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(f"{f}: stop_marker must be a non-empty string, got {value!r}")
+    return value
