@@ -289,12 +289,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     env_kwargs = _json_arg(cfg.env_kwargs, "--env-kwargs")
     if cfg.allow_stop:
         env_kwargs["allow_stop"] = True
-    if env_kwargs.get("allow_stop") and "model" in kwargs and "stop_marker" not in env_kwargs:
-        from agents.policies.model_dir import recorded_stop_marker
+    if "model" in kwargs:
+        from agents.policies.model_dir import with_recorded_stop_marker
 
-        marker = recorded_stop_marker(kwargs["model"])  # the marker the model was trained to stop with
-        if marker is not None:
-            env_kwargs["stop_marker"] = marker
+        env_kwargs = with_recorded_stop_marker(env_kwargs, kwargs["model"])  # the marker it was trained to stop with
     result = evaluate(policy, cfg.env, split=cfg.split, limit=cfg.limit, steps=cfg.steps, sampling=sampling,
                       out_dir=cfg.out, group_size=cfg.group_size, seed=cfg.seed, data_root=cfg.data_root,
                       env_kwargs=env_kwargs, num_envs=cfg.num_envs, num_strips=cfg.strips,

@@ -68,3 +68,12 @@ def recorded_stop_marker(path: str | os.PathLike) -> str | None:
     if value is not None and (not isinstance(value, str) or not value.strip()):
         raise ValueError(f"{f}: stop_marker must be a non-empty string, got {value!r}")
     return value
+
+
+def with_recorded_stop_marker(env_kwargs: dict, path: str | os.PathLike) -> dict:
+    """``env_kwargs`` with the model folder's recorded ``stop_marker`` (:func:`recorded_stop_marker`) added when the
+    env stops (``allow_stop``) and names no marker of its own; otherwise ``env_kwargs`` as given."""
+    if not env_kwargs.get("allow_stop") or "stop_marker" in env_kwargs:
+        return env_kwargs
+    marker = recorded_stop_marker(path)
+    return env_kwargs if marker is None else {**env_kwargs, "stop_marker": marker}

@@ -81,8 +81,12 @@ def test_cli_writes_a_bc_folder_and_marks_a_model(tmp_path):
     model.mkdir()
     (model / "ivt_policy.json").write_text(json.dumps({"model_type": "qwen3_vl"}))
     main(["--write-marker", str(model)])
-    from agents.policies.model_dir import recorded_stop_marker
+    from agents.policies.model_dir import recorded_stop_marker, with_recorded_stop_marker
 
     assert recorded_stop_marker(model) == "fits." and recorded_stop_marker(tmp_path) is None
+    assert with_recorded_stop_marker({"allow_stop": True}, model) == {"allow_stop": True, "stop_marker": "fits."}
+    assert with_recorded_stop_marker({"allow_stop": True, "stop_marker": "<stop>"}, model)["stop_marker"] == "<stop>"
+    assert with_recorded_stop_marker({}, model) == {} and with_recorded_stop_marker({"allow_stop": True}, tmp_path) \
+        == {"allow_stop": True}
     with pytest.raises(FileNotFoundError):
         record_stop_marker(tmp_path / "nothing")
