@@ -76,10 +76,21 @@ def distill(traj: Trajectory, fit_iou: float, phrase: str = PHRASE, marker: str 
     return dataclasses.replace(traj, steps=steps, meta=meta)
 
 
+def anchor(d: Trajectory, phrase: str = PHRASE) -> Trajectory:
+    """A box anchor of a non-fitting target ``d``: its step 0 with ``phrase`` in the reasoning as CONTEXT
+    (``extra["context_prefix"]``: no target) and its own box as the target, so the box the model writes after the
+    stop phrase stays the box it writes without it, whatever the decision (the phrase itself is learned only from
+    the answers that fit)."""
+    text = with_phrase(d.steps[0].text, phrase)
+    k = text.find("</think>") + len("</think>")
+    step = dataclasses.replace(d.steps[0], text=text, extra={"context_prefix": text[:k]})
+    return dataclasses.replace(d, steps=[step], meta=dict(d.meta, anchor=True))
+
+
 def build(trajs: Iterable[Trajectory], fit_iou: float, phrase: str = PHRASE, marker: str = MARKER,
-          max_steps: Optional[int] = None) -> tuple[list[Trajectory], dict]:
-    """Every rollout's target (:func:`distill`) and counts: ``n_in``, ``n_out``, ``skipped``, ``fits``,
-    ``steps_hist`` (trajectory lengths)."""
+          max_steps: Optional[int] = None, anchors: bool = False) -> tuple[list[Trajectory], dict]:
+    """Every rollout's target (:func:`distill`), with ``anchors`` also an :func:`anchor` after each non-fitting
+    one, and counts: ``n_in``, ``n_out``, ``skipped``, ``fits``, ``anchors``, ``steps_hist`` (trajectory lengths)."""
     if not phrase.strip() or marker not in phrase:
         raise ValueError(f"the stop phrase {phrase!r} must hold the env's stop marker {marker!r}")
     out, n_in, hist = [], 0, {}
@@ -89,10 +100,13 @@ def build(trajs: Iterable[Trajectory], fit_iou: float, phrase: str = PHRASE, mar
         if d is not None:
             out.append(d)
             hist[len(d.steps)] = hist.get(len(d.steps), 0) + 1
+            if anchors and not d.meta["fits"]:
+                out.append(anchor(d, phrase))
     fits = sum(1 for d in out if d.meta["fits"])
-    return out, {"n_in": n_in, "n_out": len(out), "skipped": n_in - len(out), "fits": fits,
-                 "fit_share": fits / max(1, len(out)), "steps_hist": dict(sorted(hist.items())),
-                 "fit_iou": fit_iou, "phrase": phrase, "stop_marker": marker}
+    n_anchor = sum(1 for d in out if d.meta.get("anchor"))
+    return out, {"n_in": n_in, "n_out": len(out), "skipped": n_in - len(out) + n_anchor, "fits": fits,
+                 "anchors": n_anchor, "fit_share": fits / max(1, len(out) - n_anchor),
+                 "steps_hist": dict(sorted(hist.items())), "fit_iou": fit_iou, "phrase": phrase, "stop_marker": marker}
 
 
 def record_stop_marker(model_dir: str | Path, marker: str = MARKER) -> Path:
@@ -117,6 +131,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--phrase", default=PHRASE, help=f"appended to the reasoning of a fitting answer ({PHRASE!r})")
     ap.add_argument("--stop-marker", default=MARKER, help=f"the env's stop marker ({MARKER!r})")
     ap.add_argument("--max-steps", type=int, default=None, help="refinement steps kept (default: all)")
+    ap.add_argument("--anchors", action="store_true",
+                    help="also a box anchor per non-fitting answer (the phrase as context, its own box the target)")
     ap.add_argument("--write-marker", default=None, metavar="MODEL_DIR",
                     help="instead: record --stop-marker in a trained model folder's ivt_policy.json (evaluate's "
                          "--allow-stop then runs the env with it)")
@@ -127,7 +143,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         ap.error("--out is required (or --write-marker MODEL_DIR)")
     src = Path(a.rollouts)
     src = src / "trajectories.jsonl" if src.is_dir() else src
-    trajs, summary = build(load_trajectories(src), a.fit_iou, a.phrase, a.stop_marker, a.max_steps)
+    trajs, summary = build(load_trajectories(src), a.fit_iou, a.phrase, a.stop_marker, a.max_steps, a.anchors)
     out = Path(a.out)
     save_trajectories(out / "trajectories.jsonl", trajs)
     steps = max(summary["steps_hist"], default=1) - 1
