@@ -76,21 +76,22 @@ def distill(traj: Trajectory, fit_iou: float, phrase: str = PHRASE, marker: str 
     return dataclasses.replace(traj, steps=steps, meta=meta)
 
 
-def anchor(d: Trajectory, phrase: str = PHRASE) -> Trajectory:
+def anchor(d: Trajectory, phrase: str = PHRASE, text: Optional[str] = None) -> Trajectory:
     """A box anchor of a non-fitting target ``d``: its step 0 with ``phrase`` in the reasoning as CONTEXT
     (``extra["context_prefix"]``: no target) and its own box as the target, so the box the model writes after the
     stop phrase stays the box it writes without it, whatever the decision (the phrase itself is learned only from
-    the answers that fit)."""
-    text = with_phrase(d.steps[0].text, phrase)
+    the answers that fit). ``text``: that step-0 text instead (``build(..., anchors="all")`` gives a fitting answer
+    its own text WITHOUT the phrase: its box in the context where it does not stop)."""
+    text = with_phrase(d.steps[0].text, phrase) if text is None else text
     k = text.find("</think>") + len("</think>")
     step = dataclasses.replace(d.steps[0], text=text, extra={"context_prefix": text[:k]})
     return dataclasses.replace(d, steps=[step], meta=dict(d.meta, anchor=True))
 
 
 def build(trajs: Iterable[Trajectory], fit_iou: float, phrase: str = PHRASE, marker: str = MARKER,
-          max_steps: Optional[int] = None, anchors: bool = False) -> tuple[list[Trajectory], dict]:
+          max_steps: Optional[int] = None, anchors: bool | str = False) -> tuple[list[Trajectory], dict]:
     """Every rollout's target (:func:`distill`), with ``anchors`` also an :func:`anchor` after each non-fitting
-    one, and counts: ``n_in``, ``n_out``, ``skipped``, ``fits``, ``anchors``, ``steps_hist`` (trajectory lengths)."""
+    one (``"all"``: after each fitting one too, its own phrase-less text), and counts: ``n_in``, ``n_out``, ``skipped``, ``fits``, ``anchors``, ``steps_hist`` (trajectory lengths)."""
     if not phrase.strip() or marker not in phrase:
         raise ValueError(f"the stop phrase {phrase!r} must hold the env's stop marker {marker!r}")
     out, n_in, hist = [], 0, {}
@@ -102,7 +103,9 @@ def build(trajs: Iterable[Trajectory], fit_iou: float, phrase: str = PHRASE, mar
             hist[len(d.steps)] = hist.get(len(d.steps), 0) + 1
             if anchors and not d.meta["fits"]:
                 out.append(anchor(d, phrase))
-    fits = sum(1 for d in out if d.meta["fits"])
+            elif anchors == "all":
+                out.append(anchor(d, phrase, tr.steps[0].text))
+    fits = sum(1 for d in out if d.meta["fits"] and not d.meta.get("anchor"))
     n_anchor = sum(1 for d in out if d.meta.get("anchor"))
     return out, {"n_in": n_in, "n_out": len(out), "skipped": n_in - len(out) + n_anchor, "fits": fits,
                  "anchors": n_anchor, "fit_share": fits / max(1, len(out) - n_anchor),
@@ -131,8 +134,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--phrase", default=PHRASE, help=f"appended to the reasoning of a fitting answer ({PHRASE!r})")
     ap.add_argument("--stop-marker", default=MARKER, help=f"the env's stop marker ({MARKER!r})")
     ap.add_argument("--max-steps", type=int, default=None, help="refinement steps kept (default: all)")
-    ap.add_argument("--anchors", action="store_true",
-                    help="also a box anchor per non-fitting answer (the phrase as context, its own box the target)")
+    ap.add_argument("--anchors", nargs="?", const="stop", default=None, choices=["stop", "all"],
+                    help="also a box anchor per non-fitting answer (the phrase as context, its own box the target); "
+                         "'all': per fitting answer too (its phrase-less text as context)")
     ap.add_argument("--write-marker", default=None, metavar="MODEL_DIR",
                     help="instead: record --stop-marker in a trained model folder's ivt_policy.json (evaluate's "
                          "--allow-stop then runs the env with it)")
@@ -143,7 +147,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         ap.error("--out is required (or --write-marker MODEL_DIR)")
     src = Path(a.rollouts)
     src = src / "trajectories.jsonl" if src.is_dir() else src
-    trajs, summary = build(load_trajectories(src), a.fit_iou, a.phrase, a.stop_marker, a.max_steps, a.anchors)
+    trajs, summary = build(load_trajectories(src), a.fit_iou, a.phrase, a.stop_marker, a.max_steps,
+                           {"stop": True, "all": "all", None: False}[a.anchors])
     out = Path(a.out)
     save_trajectories(out / "trajectories.jsonl", trajs)
     steps = max(summary["steps_hist"], default=1) - 1

@@ -51,6 +51,10 @@ def test_build_counts_and_refuses_a_phrase_without_the_marker():
     anchored, s2 = build(trajs, fit_iou=0.5, anchors=True)  # one box anchor after the one answer that does not fit
     assert [t.sample_id for t in anchored] == ["a", "b", "b", "c"] and s2["anchors"] == 1 and s2["fits"] == 2
     assert anchored[2].steps[0].extra == {"context_prefix": "<think>Target at left. It fits.</think>"}
+    every, s3 = build(trajs, fit_iou=0.5, anchors="all")  # and the fitting ones' boxes without the phrase
+    assert [len(t.steps) for t in every] == [1, 1, 2, 1, 1, 1] and s3["anchors"] == 3 and s3["fits"] == 2
+    assert every[1].steps[0].text == ANSWER and every[1].steps[0].extra == {"context_prefix": "<think>Target at "
+                                                                            "left.</think>"}
     assert with_phrase("<think>x.</think> [1, 2, 3, 4]", " Done.") == "<think>x. Done.</think> [1, 2, 3, 4]"
     with pytest.raises(ValueError, match="stop marker"):
         build(trajs, fit_iou=0.5, phrase=" Done.")
