@@ -13,7 +13,10 @@ Input: ``trajectories.jsonl`` of ``python -m agents.evaluate --model M --split t
 no stopping). Output: a folder ``python -m agents.bc train --data OUT`` reads: ``trajectories.jsonl`` (texts only;
 the trainer replays them through the env to render the observations) and ``config.yaml`` (the replay env's T).
 
-    python -m agents.synthesis.self_distill runs/own_train --fit-iou 0.5 --out runs/sd_data
+    python -m agents.synthesis.self_distill runs/own_train --fit-iou 0.5 --anchors --out runs/sd_data
+
+``--anchors`` (:func:`anchor`) adds box-only targets written after the phrase, which kept the fine-tuned boxes
+closest to the model's own; measured runs and figures: ``assets/tiny-ivt-adaptive/README.md``.
 """
 
 from __future__ import annotations
