@@ -243,8 +243,9 @@ class EvalConfig:
     name: Optional[str] = None
     """Row label in the tables (None: the model's name with --model, e.g. my_run/best, else the policy name)."""
     allow_stop: bool = False
-    """Adaptive refinement: a step writing the stop marker (<stop>) ends its episode; --steps stays the budget
-    (the same as --env-kwargs '{"allow_stop": true}')."""
+    """Adaptive refinement: a step writing the stop marker (<stop>, or the "stop_marker" a --model folder's
+    ivt_policy.json records) ends its episode; --steps stays the budget (the same as --env-kwargs
+    '{"allow_stop": true}')."""
     proposals: Optional[str] = None
     """JSONL of start boxes, one {"sample_id": ..., "box": [x1, y1, x2, y2]} (pixels) per line: every trajectory
     starts from its sample's box (step 0) and the report shows how refinement changes them."""
@@ -288,6 +289,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     env_kwargs = _json_arg(cfg.env_kwargs, "--env-kwargs")
     if cfg.allow_stop:
         env_kwargs["allow_stop"] = True
+    if "model" in kwargs:
+        from agents.policies.model_dir import with_recorded_stop_marker
+
+        env_kwargs = with_recorded_stop_marker(env_kwargs, kwargs["model"])  # the marker it was trained to stop with
     result = evaluate(policy, cfg.env, split=cfg.split, limit=cfg.limit, steps=cfg.steps, sampling=sampling,
                       out_dir=cfg.out, group_size=cfg.group_size, seed=cfg.seed, data_root=cfg.data_root,
                       env_kwargs=env_kwargs, num_envs=cfg.num_envs, num_strips=cfg.strips,

@@ -85,7 +85,8 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
         injected_ends.append(len(ids) + len(injected))
         ids += injected + gen
         given = bool((st.extra or {}).get("start_box"))  # a given start box (reset option start_box): context only
-        labels += [IGNORE] * len(injected) + ([IGNORE] * len(gen) if given else gen)
+        n_ctx = len(gen) if given else _context_tokens(layout, st, gen, traj.sample_id)
+        labels += [IGNORE] * (len(injected) + n_ctx) + gen[n_ctx:]
         steps += [t] * (len(injected) + len(gen))
         temps.append(float(getattr(st, "temperature", None) or 1.0))  # None (teacher text, old data): T = 1
         pixels.append(chunk.pixel_values)
@@ -103,6 +104,17 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
         image_keys=keys,
         injected_ends=injected_ends,
     )
+
+
+def _context_tokens(layout: PromptLayout, st: Any, gen: list[int], sid: str) -> int:
+    """Leading generated tokens that are context: ``extra["context_prefix"]``'s (a prefix of the text), else 0."""
+    prefix = (st.extra or {}).get("context_prefix")
+    if not prefix:
+        return 0
+    pre = layout.text_ids(prefix)
+    if not st.text.startswith(prefix) or gen[: len(pre)] != pre:
+        raise ValueError(f"trajectory {sid!r} step {st.t}: context_prefix {prefix!r} is no token prefix of its text")
+    return len(pre)
 
 
 def mask_targets(encoded: Sequence[EncodedTrajectory], *, clone_start: bool = True, last_step_only: bool = False,

@@ -52,3 +52,28 @@ def model_label(path: str | os.PathLike) -> str:
                                  or parts[-keep] == "checkpoints"):
         keep += 1
     return "/".join(p for p in parts[-keep:] if p not in ("checkpoints", "policy"))
+
+
+def recorded_stop_marker(path: str | os.PathLike) -> str | None:
+    """The env stop marker a model folder was trained to write (``"stop_marker"`` in its ``ivt_policy.json``, e.g.
+    ``"fits."`` for a model that stops with its own words, issue 14); None when none is recorded or the path is not
+    a local folder. ``python -m agents.evaluate --model DIR --allow-stop`` runs the env with it unless
+    ``--env-kwargs`` names one."""
+    import json
+
+    f = Path(str(path)) / "ivt_policy.json"
+    if not f.is_file():
+        return None
+    value = json.loads(f.read_text()).get("stop_marker")
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise ValueError(f"{f}: stop_marker must be a non-empty string, got {value!r}")
+    return value
+
+
+def with_recorded_stop_marker(env_kwargs: dict, path: str | os.PathLike) -> dict:
+    """``env_kwargs`` with the model folder's recorded ``stop_marker`` (:func:`recorded_stop_marker`) added when the
+    env stops (``allow_stop``) and names no marker of its own; otherwise ``env_kwargs`` as given."""
+    if not env_kwargs.get("allow_stop") or "stop_marker" in env_kwargs:
+        return env_kwargs
+    marker = recorded_stop_marker(path)
+    return env_kwargs if marker is None else {**env_kwargs, "stop_marker": marker}

@@ -278,7 +278,8 @@ def format_step(reasoning: str, box_norm: Box, stop_marker: Optional[str] = None
                 keep_marker: Optional[str] = None) -> str:
     """One step's text: ``"<think>{reasoning}</think> [x1, y1, x2, y2]"`` (IVT Sec. 3.1 answer format); a stopping
     step puts the marker between the reasoning and the box, ``"<think>...</think> <stop> [x1, y1, x2, y2]"``: the
-    box still closes the step (the rollout engine stops generating right after it) and is the final box.
+    box still closes the step (the rollout engine stops generating right after it) and is the final box. A marker
+    the reasoning already holds (a stop marker made of the model's own words, e.g. ``"fits."``) is not repeated.
     ``keep_marker`` (a refinement step that keeps ``box_norm``, the previous box): no box, the reasoning ends with
     the marker (``"<think>Box fits. Keep it.</think>"``) or the marker follows it; the env carries the previous box
     exactly (``GroundingRefineEnv``, "Keeping a box").
@@ -287,10 +288,12 @@ def format_step(reasoning: str, box_norm: Box, stop_marker: Optional[str] = None
     '<think>Box fits. Keep it.</think>'
     >>> format_step("Box fits.", [1, 2, 3, 4], keep_marker="Keep it.")
     '<think>Box fits.</think> Keep it.'
+    >>> format_step("Target at top. It fits.", [1, 2, 3, 4], stop_marker="fits.")  # a marker the reasoning holds
+    '<think>Target at top. It fits.</think> [1, 2, 3, 4]'
     """
     if keep_marker:
         return f"<think>{reasoning}</think>" + ("" if reasoning.rstrip().endswith(keep_marker) else f" {keep_marker}")
-    if stop_marker:
+    if stop_marker and stop_marker not in reasoning:
         return f"<think>{reasoning}</think> {stop_marker} {format_box(box_norm)}"
     return f"<think>{reasoning}</think> {format_box(box_norm)}"
 
