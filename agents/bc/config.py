@@ -137,7 +137,7 @@ class BCConfig:
     number_sigma: float = 0.0
     """> 0: a target that is a whole-number token (the tiny tokenizer's "0".."1000", i.e. a box coordinate) is
     trained towards a Gaussian of this width over the number tokens instead of a one-hot (a coordinate a few
-    units off then costs little; agents.policies.logprobs.NumberSmoothing). 0: plain cross-entropy (IVT)."""
+    units off then costs little; agents.policies.number_targets.NumberSmoothing). 0: plain cross-entropy (IVT)."""
 
     # ------------------------------------------------------------------------------------------------ eval
     eval_every: int = 0

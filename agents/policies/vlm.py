@@ -368,7 +368,7 @@ class VLMPolicy(TrainablePolicy):
     def bc_loss(self, trajectories: Sequence[Any], options: Optional[BCLossOptions] = None,
                 encoded: Optional[Sequence[EncodedTrajectory]] = None) -> tuple[torch.Tensor, int]:
         """Mean cross-entropy over the generated tokens of ``trajectories`` and their count. ``options.number_sigma``
-        > 0: whole-number tokens get Gaussian soft targets of that width (:class:`.logprobs.NumberSmoothing`).
+        > 0: whole-number tokens get Gaussian soft targets of that width (:class:`.number_targets.NumberSmoothing`).
         ``options.clone_start=False``: step 0 of a trajectory WITH refinement steps is context only (labels -100),
         e.g. when a scripted student wrote it and it is not the model's own answer; single-step samples still train.
         ``options.last_step_only``: only each trajectory's last step is a target (GRPO teacher guidance).
