@@ -99,6 +99,15 @@ def _linear_patch_embed(self: torch.nn.Module, hidden_states: torch.Tensor) -> t
     return torch.nn.functional.linear(x, w.reshape(w.shape[0], -1), self.proj.bias).view(-1, self.embed_dim)
 
 
+def _swap_forward(m: torch.nn.Module, registry: dict, prefix: str, forward: Any) -> None:
+    """Give ``m`` ``forward`` through a subclass of its own class (one per class, kept in ``registry``): its
+    weights, hooks and ``isinstance`` checks stay as they were, and ``copy.deepcopy`` keeps the new forward."""
+    cls = type(m)
+    if cls not in registry:
+        registry[cls] = type(prefix + cls.__name__, (cls,), {"forward": forward})
+    m.__class__ = registry[cls]
+
+
 def linear_patch_embeddings(model: torch.nn.Module) -> int:
     """Give every Qwen-VL vision patch embedding of ``model`` (a ``proj`` Conv3d with kernel == stride, no padding,
     one group) the :func:`_linear_patch_embed` forward, by switching the module to a subclass of its own class (so
@@ -114,9 +123,7 @@ def linear_patch_embeddings(model: torch.nn.Module) -> int:
         if (tuple(proj.kernel_size) != tuple(proj.stride) or proj.padding != (0, 0, 0) or proj.groups != 1
                 or tuple(proj.dilation) != (1, 1, 1) or not hasattr(m, "embed_dim")):
             continue
-        if cls not in _LINEAR_CLASSES:
-            _LINEAR_CLASSES[cls] = type("Linear" + cls.__name__, (cls,), {"forward": _linear_patch_embed})
-        m.__class__ = _LINEAR_CLASSES[cls]
+        _swap_forward(m, _LINEAR_CLASSES, "Linear", _linear_patch_embed)
         n += 1
     return n
 
@@ -164,9 +171,7 @@ def batched_vision_attention(model: torch.nn.Module) -> int:
         cls = type(m)
         if cls.__name__ != "Qwen3VLVisionAttention" or not all(hasattr(m, a) for a in ("qkv", "proj", "scaling")):
             continue
-        if cls not in _BATCHED_CLASSES:
-            _BATCHED_CLASSES[cls] = type("Batched" + cls.__name__, (cls,), {"forward": _batched_vision_attention})
-        m.__class__ = _BATCHED_CLASSES[cls]
+        _swap_forward(m, _BATCHED_CLASSES, "Batched", _batched_vision_attention)
         n += 1
     return n
 
