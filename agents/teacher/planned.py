@@ -93,16 +93,16 @@ class PlannedTeacher(Policy):
         out = []
         for (obs, _info, t, prev, new, gt), text in zip(items, texts):
             source = "vlm" if text else "geometric"
+            holds = prev is not None and t > 0 and list(new) == list(prev)  # the plan keeps the previous box
             if not text:
                 if self.reasoner is not None:
                     self.fallbacks += 1
-                text = geometric_reasoning(prev, new, gt, t, obs["expression"], self.rng, self.verbosity)
+                # a held near-fit (keep_iou < FIT_IOU) is described as fitting: the teacher chose to keep it
+                ref = prev if holds and iou(prev, gt) < FIT_IOU else gt
+                text = geometric_reasoning(prev, new, ref, t, obs["expression"], self.rng, self.verbosity)
             stop = bool(self.stop_marker) and iou(new, gt) >= self.stop_iou
             if stop:
                 text = stop_reasoning(text, t)
-            holds = prev is not None and t > 0 and list(new) == list(prev)  # the plan keeps the previous box
-            if holds and source == "geometric" and not stop and iou(prev, gt) < FIT_IOU:  # a near-fit kept (keep_iou)
-                text = geometric_reasoning(prev, new, prev, t, obs["expression"], self.rng, self.verbosity)
             keep = bool(self.keep_marker) and not stop and holds
             out.append(PolicyOutput(text=format_step(text, new, self.stop_marker if stop else None,
                                                      keep_marker=self.keep_marker if keep else None),
