@@ -89,8 +89,9 @@ class GroundingRefineEnv(gym.Env):
     ``ious``, ``valids`` and ``boxes_norm`` (all steps so far; ``None`` for a step without a valid box); after
     ``step`` also ``action_truncated`` (the text was over 16,384 characters and only its tail was read).
     ``steps_used``: refinement steps taken so far (step 0 is not one; T at the end of a fixed-length episode);
-    ``stopped`` (the step carried the stop marker; always False without ``allow_stop``), ``allow_stop`` and
-    ``keep_marker`` (the env's, so that a policy knows which text ends a step that keeps its box).
+    ``stopped`` (the step carried the stop marker; always False without ``allow_stop``), ``allow_stop``,
+    ``stop_marker`` and ``keep_marker`` (the env's, so that a policy knows which texts stop an episode and keep a
+    box).
     Multi-box episodes add ``multi`` (True), ``gt_boxes`` (every GT box, pixels), ``boxes`` / ``step_boxes_norm``
     (every box of this step in pixels / [0, 1000], ``[]`` when invalid), ``depths`` (the depth written with each
     box, ``None`` where none), ``gt_depths`` (when the dataset gives them), ``depth_ok`` (whether every written depth
@@ -431,6 +432,7 @@ class GroundingRefineEnv(gym.Env):
             "boxes_norm": list(self._boxes),
             "steps_used": max(0, len(self._ious) - 1),
             "allow_stop": self.allow_stop,
+            "stop_marker": self.stop_marker,
             "keep_marker": self.keep_marker,
             **(self._extra if self._multi else {}),  # single-box episodes keep exactly the keys above
         }

@@ -15,6 +15,7 @@ import torch
 
 from agents.common.schedule import make_scheduler
 from agents.grpo.config import GRPOConfig
+from ivt_env import ENV_DEFAULTS
 from ivt_env.make import make_env
 
 BC_HINT = (
@@ -48,6 +49,13 @@ def build_policy(cfg: GRPOConfig) -> Any:
         policy.train()  # training mode for the teacher-forced passes (acting switches to eval mode itself)
     if not list(policy.trainable_parameters()):
         raise ValueError(f"policy {cfg.policy!r} from {cfg.init_from!r} has no trainable parameters")
+    prompts = getattr(getattr(policy, "layout", None), "prompts", None)
+    if getattr(prompts, "stop_token", "") and ENV_DEFAULTS.get(cfg.env_id, {}).get("allow_stop"):
+        # its go-on choices are injected tokens, never scored: the policy gradient would see only the stops
+        raise ValueError(f"GRPO config: {cfg.init_from!r} stops with a trained token (prompts stop_token "
+                         f"{prompts.stop_token!r}) and {cfg.env_id} allows stopping; GRPO does not train that decision "
+                         "(train it with behaviour cloning: configs/bc_adaptive_token_cpu.yaml) or use an env without "
+                         "stopping")
     return policy
 
 

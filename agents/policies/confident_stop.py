@@ -5,12 +5,10 @@ box), thresholded: at or above ``threshold`` the step's text gets the env's stop
 x2, y2] <stop>"``, the env stops on the marker anywhere in the text) and the episode ends with that box; below it the
 model refines as it always did, up to the budget T. No weight changes, so the step-0 box is exactly the model's.
 
-Why not teach a "<stop>" text by behaviour cloning (measured on the tiny model, ``assets/tiny-ivt-adaptive/README.md``):
-the teacher's stop text precedes the box, so the box is written in a context the model never saw, and every
-fine-tune that taught it (full weights, step-0 box tokens masked, or only the 7 embedding rows of the new tokens)
-moved the step-0 boxes (val IoU 0.519 -> 0.28-0.48, 1,000 scenes) and the refinement texts. The log-probability, in
-contrast, already separates right from wrong step-0 boxes (val AUC 0.76 for IoU >= 0.5), and a wrong box needs the
-refinement.
+A rule, not a trained stop: the shipped ``assets/tiny-ivt-adaptive`` is trained to write a stop token right after
+a box that fits (``PromptConfig.stop_token``, its README). This rule needs no training and works for any model
+folder; the log-probability separates right from wrong step-0 boxes (val AUC 0.76 for IoU >= 0.5 on the tiny model),
+while a stop text taught BEFORE the box moved the boxes written after it (measured: the asset's README, "History").
 
 ``threshold`` is calibrated on the VAL split (:func:`calibrate`): the ``refine_share`` quantile of the step-0
 log-probabilities of the model's own greedy val trajectories, so about that share of episodes refines.

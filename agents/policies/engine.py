@@ -5,8 +5,8 @@ the injected chunk (overlay image + instruction) is appended to the SAME KV cach
 prefix is never re-encoded. Rows that end their episode (adaptive refinement: the env stopped them) leave the batch
 before the next step (:meth:`RolloutEngine.keep`: their cache rows are dropped, so no forward spends compute on
 them). The step-0 prompt of a group is encoded once and its cache is expanded along the batch.
-Branching groups (GRPO ``branch_size``): rows given one ``share`` key get ONE sampled step-0 answer, generated once,
-then the cache is forked along the batch (:meth:`RolloutEngine.fork`) and each row refines on its own.
+Branching groups (GRPO ``branch_size``): rows given one ``share`` key get ONE sampled step-0 answer, generated
+once, then the cache is forked along the batch (:meth:`RolloutEngine.fork`), each row refining on its own.
 
 Layout inside the cache: every chunk is right-padded to the batch's widest chunk, and rows that stop early keep
 feeding masked pad tokens until a quarter of the decode batch has finished; then the finished rows leave the decode
@@ -22,14 +22,14 @@ log-probs equal a plain full re-encode.
 Log-probs are those of the distribution each token was drawn from: ``log_softmax(logits / T)`` at the step's
 sampling temperature T (greedy steps are scored at T = 1), i.e. exactly what :meth:`VLMPolicy.token_logprobs`
 recomputes by teacher forcing from the temperature recorded per step (``StepResult.temperature`` ->
-``Step.temperature``). Scoring tokens drawn at 0.7 with temperature-1 log-probs would bias the policy gradient
-(DESIGN.md, "Sampling temperature"). Both places use the same :class:`LogitFilter` (ids the tokenizer does not know
-left out, multimodal placeholder tokens banned).
+``Step.temperature``); drawn at 0.7 and scored at 1 would bias the policy gradient (DESIGN.md, "Sampling
+temperature"). Both use the same :class:`LogitFilter` (unknown ids left out, multimodal placeholders banned). The
+one exception, a trained stop token (``PromptConfig.stop_token``), is scored as the two-way decision it was drawn
+from; teacher forcing scores it over the vocabulary (it is trained by behaviour cloning, not GRPO).
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -40,8 +40,8 @@ from transformers import DynamicCache
 from agents.policies.kv_cache import (cache_kw, cache_rows, growing_cache, lean_decode_hidden, lean_text_model,
                                      sample_inverse_cdf, write_rows)
 from agents.policies.vision import vision_inputs
-
-from agents.policies.vlm_prompt import BoxStopper, Chunk, PromptLayout, mm_token_types
+from agents.policies.vlm_prompt import (BoxStopper, Chunk, PromptLayout, decision_logits, mm_token_types,
+                                        prompt_key)
 
 
 BANNED_LOGIT = -1e9  # finite, so exp() is exactly 0 and p * log p stays 0 (no NaN in entropies or gradients)
@@ -71,7 +71,7 @@ class StepResult:
     injected_ids: list[int]
     token_ids: list[int]
     logprobs: list[float]
-    stop: str  # "box" | "eos" | "length"
+    stop: str  # "box" | "eos" | "length" | "stop" (the trained stop token ended the step: PromptConfig.stop_token)
     chunk: Chunk = field(repr=False)
     temperature: float = 1.0  # the distribution the log-probs are scored under: sampling T, 1.0 for greedy
 
@@ -141,7 +141,7 @@ class RolloutEngine:
             first: dict[Any, int] = {}
             for i, k in enumerate(share):
                 first.setdefault(k, i)
-                if _prompt_key(images[i], expressions[i]) != _prompt_key(images[first[k]], expressions[first[k]]):
+                if prompt_key(images[i], expressions[i]) != prompt_key(images[first[k]], expressions[first[k]]):
                     raise ValueError(f"RolloutEngine.start: rows {first[k]} and {i} share step 0 but not the prompt")
             reps = list(first.values())  # representative rows, in order
             res = self.start([images[i] for i in reps], [expressions[i] for i in reps], temperature,
@@ -153,8 +153,8 @@ class RolloutEngine:
         self.reset()
         if len(images) != len(expressions) or not images:
             raise ValueError(f"RolloutEngine.start: {len(images)} images and {len(expressions)} expressions")
-        keys = [_prompt_key(im, ex) for im, ex in zip(images, expressions)]
-        slot: dict[str, int] = {}  # prompt key -> index among the unique prompts
+        keys = [prompt_key(im, ex) for im, ex in zip(images, expressions)]
+        slot: dict[Any, int] = {}  # prompt key -> index among the unique prompts
         firsts: list[int] = []  # first row of each unique prompt
         for i, k in enumerate(keys):
             if k not in slot:
@@ -172,15 +172,15 @@ class RolloutEngine:
             src = self.rows
             self.rows = [_Row(next_pos=src[j].next_pos) for j in index.tolist()]
         chunk_of = [chunks[j] for j in index.tolist()]
-        return self._generate(chunk_of, temperature, max_new_tokens, stop_at_box, stop_at_eos)
+        return self._generate(chunk_of, temperature, max_new_tokens, stop_at_box, stop_at_eos, decide=allow_stop)
 
     @torch.no_grad()
     def refine(self, images: Sequence[np.ndarray], temperature: float, max_new_tokens: int,
                stop_at_box: bool = True, stop_at_eos: bool = True,
-               keep_marker: Optional[str] = None) -> list[StepResult]:
+               keep_marker: Optional[str] = None, allow_stop: bool = False) -> list[StepResult]:
         """Step t >= 1: append each row's overlay image + instruction to its cache and continue generating.
         ``keep_marker``: the text that ends a step keeping the previous box (the env's, ``info["keep_marker"]``;
-        None: the prompts' ``keep_marker``; "": none)."""
+        None: the prompts' ``keep_marker``; "": none). ``allow_stop``: the env may stop (a stop decision is read)."""
         if not self.rows:
             raise RuntimeError("RolloutEngine.refine: no batch in progress (call start first)")
         if len(images) != len(self.rows):
@@ -188,7 +188,8 @@ class RolloutEngine:
         chunks = [self.layout.refine_chunk(im) for im in images]
         self._append_chunks(chunks)
         keep = self.layout.prompts.keep_marker if keep_marker is None else keep_marker
-        return self._generate(chunks, temperature, max_new_tokens, stop_at_box, stop_at_eos, keep=keep)
+        return self._generate(chunks, temperature, max_new_tokens, stop_at_box, stop_at_eos, keep=keep,
+                              decide=allow_stop)
 
     @torch.no_grad()
     def start_given(self, images: Sequence[np.ndarray], expressions: Sequence[str], texts: Sequence[str],
@@ -315,9 +316,11 @@ class RolloutEngine:
         return s
 
     def _generate(self, chunks: Sequence[Chunk], temperature: float, max_new_tokens: int,
-                  stop_at_box: bool, stop_at_eos: bool, keep: str = "") -> list[StepResult]:
+                  stop_at_box: bool, stop_at_eos: bool, keep: str = "", decide: bool = False) -> list[StepResult]:
         """``keep``: the keep marker that may end this step ("" at step 0, which has no box to keep: the env reads
-        a step-0 keep marker as no box, so generation goes on to the box).
+        a step-0 keep marker as no box, so generation goes on to the box). ``decide`` (the env may stop, and the
+        prompts name a ``stop_token``): a complete step reads one more token, the stop token or the go-on id only
+        (:func:`decision_logits`); stop ends the step with it (``stop="stop"``), go on writes nothing.
 
         Rows that finish leave the decode batch once at least :attr:`shrink_at` of it has finished (:meth:`_shrink`;
         the copy of the cache rows is amortised over the quarter); ``live`` lists the full-batch row of each row of
@@ -330,11 +333,15 @@ class RolloutEngine:
         lps: list[list[float]] = [[] for _ in range(B)]
         why = ["length"] * B
         done = [False] * B
+        dec = self.layout.stop_decision() if decide else None  # (stop id, go-on id)
+        deciding = [False] * B
         live = self.live = list(range(B))
         self._full = None  # (cache, attn, synced length) of all B rows while the decode batch is smaller
         logits = self.next_logits
         for k in range(max_new_tokens):
-            logits = self.filter(logits)  # (len(live), V)
+            raw, logits = logits, self.filter(logits)  # (len(live), V)
+            if dec is not None and any(deciding[b] for b in live):
+                logits = decision_logits(logits, raw, [deciding[b] for b in live], dec)
             live_t = torch.tensor(live, device=dev) if len(live) < B else None
             if temperature <= 0:
                 tok = logits.argmax(dim=-1)
@@ -349,15 +356,20 @@ class RolloutEngine:
             for j, b in enumerate(live):
                 if done[b]:
                     continue
+                if deciding[b]:  # past a complete step: stop (the token ends the step) or go on (nothing written)
+                    done[b], deciding[b] = True, False
+                    if tok_l[j] != dec[0]:
+                        continue
+                    why[b] = "stop"
                 gen[b].append(tok_l[j])
                 lps[b].append(lp_l[j])
                 self.rows[b].pending.append(tok_l[j])  # not in the cache yet
                 if eos_l[j]:
                     why[b] = "eos"
                     done[b] = True
-                elif stop_at_box and stopper.feed(b, self._piece(tok_l[j])):
+                elif why[b] != "stop" and stop_at_box and stopper.feed(b, self._piece(tok_l[j])):
                     why[b] = "box"
-                    done[b] = True
+                    done[b], deciding[b] = dec is None, dec is not None
             n_done = sum(done[b] for b in live)
             if n_done == len(live) or k == max_new_tokens - 1:
                 break
@@ -433,10 +445,3 @@ def score_temperature(temperature: float) -> float:
     """The temperature a step's tokens are scored at: the sampling temperature, 1.0 for greedy (T <= 0)."""
     return float(temperature) if temperature > 0 else 1.0
 
-
-def _prompt_key(image: np.ndarray, expression: str) -> str:
-    """Identity of a step-0 prompt: the expression and the image bytes (rows of one group share it)."""
-    a = np.ascontiguousarray(np.asarray(image))
-    h = hashlib.blake2b(a.tobytes(), digest_size=16)
-    h.update(repr((a.shape, str(a.dtype), expression)).encode())
-    return h.hexdigest()

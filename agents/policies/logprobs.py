@@ -4,7 +4,9 @@
 (:mod:`agents.policies.vlm_prompt`): per step the injected chunk then the generated ids. Token-in / token-out: the
 stored ``injected_ids`` / ``token_ids`` are used as they are; a teacher trajectory that carries only texts gets its
 injected chunks from the same :class:`PromptLayout` code the engine uses, and each step's text tokenised as its
-generated part. ``labels`` are the generated ids and -100 on every injected token (IVT Sec. 3.2).
+generated part. ``labels`` are the generated ids and -100 on every injected token (IVT Sec. 3.2), except, in a
+trajectory with ``meta["stop_decisions"]`` (a trained stop token, ``PromptConfig.stop_token``), the first token of
+each refinement chunk: the previous step's decision to go on.
 
 Speed (issue 16): :func:`teacher_forced` runs shared beginnings once (GRPO groups share their prompt, branch
 siblings their step-0 answer and step-1 overlay), each distinct image through the vision tower once
@@ -88,6 +90,8 @@ def encode_trajectory(traj: Any, layout: PromptLayout, resolver: Optional[ImageR
         given = bool((st.extra or {}).get("start_box"))  # a given start box (reset option start_box): context only
         n_ctx = len(gen) if given else _context_tokens(layout, st, gen, traj.sample_id)
         labels += [IGNORE] * (len(injected) + n_ctx) + gen[n_ctx:]
+        if t > 0 and (traj.meta or {}).get("stop_decisions"):  # the step before went on: that decision (the
+            labels[len(ids) - len(gen) - len(injected)] = injected[0]  # chunk's first token) is a target too
         steps += [t] * (len(injected) + len(gen))
         temps.append(float(getattr(st, "temperature", None) or 1.0))  # None (teacher text, old data): T = 1
         pixels.append(chunk.pixel_values)

@@ -230,9 +230,8 @@ class VLMPolicy(TrainablePolicy):
     def act(self, observations: Sequence[Mapping[str, Any]], histories: Sequence[Sequence[PolicyOutput]],
             infos: Sequence[Mapping[str, Any]], sampling: SamplingParams) -> list[PolicyOutput]:
         """One step for a lock-step batch (see the module docstring)."""
-        n = len(observations)
-        if len(histories) != n:
-            raise ValueError(f"VLMPolicy.act: {n} observations but {len(histories)} histories")
+        if len(histories) != len(observations):
+            raise ValueError(f"VLMPolicy.act: {len(observations)} observations but {len(histories)} histories")
         steps = {int(o["step"]) for o in observations}
         if len(steps) != 1:
             raise ValueError(f"VLMPolicy.act: the batch must be in lock-step, got steps {sorted(steps)}")
@@ -260,11 +259,12 @@ class VLMPolicy(TrainablePolicy):
                 # the env's keep marker (info["keep_marker"], None: off) ends a step that keeps its box
                 keep = next(((i.get("keep_marker") or "") for i in infos if "keep_marker" in i), None)
                 res = self.engine.refine(images, temp, sampling.max_new_tokens, sampling.stop_at_box,
-                                         keep_marker=keep)
+                                         keep_marker=keep, allow_stop=allow_stop)
+        marker = next((i["stop_marker"] for i in infos if i.get("stop_marker")), "<stop>")  # the env's stop text
         outs = []
-        for r in res:
+        for r in res:  # a step the trained stop token ended (prompts.stop_token) carries the env's stop marker
             raw = self.tokenizer.decode(r.token_ids, skip_special_tokens=True)
-            text = self.layout.to_env_text(raw, r.chunk)
+            text = self.layout.to_env_text(raw, r.chunk) + (f" {marker}" if r.stop == "stop" else "")
             extra: dict[str, Any] = {"stop": r.stop}
             if text != raw:
                 extra["raw_text"] = raw

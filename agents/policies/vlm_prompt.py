@@ -73,6 +73,12 @@ class PromptConfig:
     (``info["allow_stop"]``, trajectories with ``meta["allow_stop"]``); the question is unchanged otherwise.
     configs/prompts.yaml sets one; empty here, so a checkpoint saved before the field existed (its prompts.yaml
     lacks it) sees exactly the question it was trained on."""
+    stop_token: str = ""
+    """A trained stop decision (issue 14): one vocabulary token (e.g. ``"<|box_end|>"``) the model writes right after
+    a complete step (its box, or the keep marker) to end the episode there. When the env allows stopping, the
+    rollout engine reads one token past each complete step, choosing between this token (stop) and the first token
+    of the next refinement chunk (go on: it is injected anyway); a step that stops gets the env's stop marker in
+    its text. Empty: a step ends at its box, no decision (the paper's setting)."""
 
     def __post_init__(self) -> None:
         for key in ("{image}", "{instruction}"):
@@ -116,6 +122,11 @@ def image_key(image: np.ndarray) -> tuple:
     identical vision features: :func:`agents.policies.vision.vision_inputs`)."""
     image = np.ascontiguousarray(image)
     return (image.shape, hashlib.blake2b(image.data, digest_size=16).digest())
+
+
+def prompt_key(image: np.ndarray, expression: str) -> tuple:
+    """Identity of a step-0 prompt: the image's content and the expression (rows of one group share it)."""
+    return image_key(np.asarray(image)), expression
 
 
 # A bracketed list of four numbers (same admitted syntax as ivt_env.boxes).
@@ -169,6 +180,19 @@ class BoxStopper:
                 return False
             text = text[k:]
         return LIST4.search(text) is not None and text.count("[") <= text.count("]")
+
+
+def decision_logits(logits: torch.Tensor, raw: torch.Tensor, rows: Sequence[bool], ids: Sequence[int]) -> torch.Tensor:
+    """``logits`` (n, V) where ``rows[i]`` is True replaced by ``raw``'s logits of ``ids`` only (the others -inf):
+    the stop decision read past a complete step (:meth:`PromptLayout.stop_decision`) chooses among ``ids``.
+
+    >>> decision_logits(torch.zeros(2, 4), torch.arange(8.).view(2, 4), [False, True], [1, 3]).tolist()
+    [[0.0, 0.0, 0.0, 0.0], [-inf, 5.0, -inf, 7.0]]
+    """
+    idx = torch.tensor(list(ids), dtype=torch.long, device=raw.device)
+    only = torch.full_like(raw, float("-inf"))
+    only[:, idx] = raw[:, idx]
+    return torch.where(torch.tensor(list(rows), device=raw.device)[:, None], only, logits)
 
 
 class PromptLayout:
@@ -314,6 +338,18 @@ class PromptLayout:
 
     def refine_chunk(self, image: np.ndarray) -> Chunk:
         return self.encode(self.refine_text(), image)
+
+    def stop_decision(self) -> Optional[tuple[int, int]]:
+        """``(stop id, go-on id)`` of the trained stop decision (``prompts.stop_token``), or None without one. The
+        go-on id is the first token of every refinement chunk (what follows a step that does not stop)."""
+        if not self.prompts.stop_token:
+            return None
+        ids = self.text_ids(self.prompts.stop_token)
+        go = self.tokenizer(self.refine_text())["input_ids"][0]
+        if len(ids) != 1 or ids[0] == go or ids[0] in self.placeholder_ids:
+            raise ValueError(f"prompts: stop_token {self.prompts.stop_token!r} must be one token of the vocabulary "
+                             f"(got ids {ids}), not a placeholder or the refinement chunk's first token ({go})")
+        return ids[0], int(go)
 
     def text_ids(self, text: str) -> list[int]:
         """A generated step's text as ids (teacher trajectories without ids)."""

@@ -17,6 +17,14 @@ the trainer replays them through the env to render the observations) and ``confi
 
 ``--anchors`` (:func:`anchor`) adds box-only targets written after the phrase, which kept the fine-tuned boxes
 closest to the model's own; measured runs and figures: ``assets/tiny-ivt-adaptive/README.md``.
+
+``--stop-token TOKEN`` (:func:`distill_token`): the stop as ONE token written right AFTER a complete step
+(``PromptConfig.stop_token``, e.g. ``"<|box_end|>"``), so every box and reasoning token keeps exactly its context:
+each rollout's own steps up to the first one that fits, that one followed by the token; the steps before it
+went on (their go-on decisions are targets too: ``meta["stop_decisions"]``). Input: rollouts at the full budget
+(``agents.evaluate ... --steps 2``).
+
+    python -m agents.synthesis.self_distill runs/own_train --fit-iou 0.5 --stop-token "<|box_end|>" --out runs/sd_tok
 """
 
 from __future__ import annotations
@@ -79,6 +87,33 @@ def distill(traj: Trajectory, fit_iou: float, phrase: str = PHRASE, marker: str 
     return dataclasses.replace(traj, steps=steps, meta=meta)
 
 
+def distill_token(traj: Trajectory, fit_iou: float, token: str, max_steps: Optional[int] = None
+                  ) -> Optional[Trajectory]:
+    """The stop-token target of one own rollout, or None when step 0 has no valid box: its own steps up to the
+    first whose box fits (``iou >= fit_iou``; a step that keeps its box has the kept box's IoU), that step's text
+    followed by ``token``; without a fitting step, its own steps (at most ``max_steps`` refinement steps), never
+    stopping.
+
+    >>> st = [Step(t=t, text=f"<think>s{t}</think> [1, 2, 3, 4]", valid=True, iou=u) for t, u in enumerate([.3, .6])]
+    >>> tr = Trajectory("a", "synthetic", "x", [0, 0, 9, 9], 10, 10, steps=st)
+    >>> [s.text for s in distill_token(tr, 0.5, "<|box_end|>").steps]
+    ['<think>s0</think> [1, 2, 3, 4]', '<think>s1</think> [1, 2, 3, 4]<|box_end|>']
+    """
+    if not traj.steps or not traj.steps[0].valid:
+        return None
+    steps, stop_at = [], None
+    for t, st in enumerate(traj.steps[: None if max_steps is None else max_steps + 1]):
+        fits = bool(st.valid) and st.iou is not None and st.iou >= fit_iou
+        steps.append(_clean(st, t, st.text + token if fits else None))
+        if fits:
+            stop_at = t
+            break
+    meta = {k: v for k, v in (traj.meta or {}).items() if k in ("index", "group_member")}
+    meta.update(allow_stop=True, stop_decisions=True, stop_marker=token, start="self",
+                start_iou=float(traj.steps[0].iou), fits=stop_at == 0, stop_step=stop_at)
+    return dataclasses.replace(traj, steps=steps, meta=meta)
+
+
 def anchor(d: Trajectory, phrase: str = PHRASE, text: Optional[str] = None) -> Trajectory:
     """A box anchor of a non-fitting target ``d``: its step 0 with ``phrase`` in the reasoning as CONTEXT
     (``extra["context_prefix"]``: no target) and its own box as the target, so the box the model writes after the
@@ -92,15 +127,19 @@ def anchor(d: Trajectory, phrase: str = PHRASE, text: Optional[str] = None) -> T
 
 
 def build(trajs: Iterable[Trajectory], fit_iou: float, phrase: str = PHRASE, marker: str = MARKER,
-          max_steps: Optional[int] = None, anchors: bool | str = False) -> tuple[list[Trajectory], dict]:
-    """Every rollout's target (:func:`distill`), with ``anchors`` also an :func:`anchor` after each non-fitting
-    one (``"all"``: after each fitting one too, its own phrase-less text), and counts: ``n_in``, ``n_out``, ``skipped``, ``fits``, ``anchors``, ``steps_hist`` (trajectory lengths)."""
-    if not phrase.strip() or marker not in phrase:
+          max_steps: Optional[int] = None, anchors: bool | str = False, token: str = ""
+          ) -> tuple[list[Trajectory], dict]:
+    """Every rollout's target (:func:`distill`; with ``token``, :func:`distill_token`), with ``anchors`` also an
+    :func:`anchor` after each non-fitting one (``"all"``: after each fitting one too, its own phrase-less text), and
+    counts: ``n_in``, ``n_out``, ``skipped``, ``fits``, ``anchors``, ``steps_hist`` (trajectory lengths)."""
+    if token and anchors:
+        raise ValueError("self_distill: --anchors is for the stop phrase, not --stop-token (boxes keep their context)")
+    if not token and (not phrase.strip() or marker not in phrase):
         raise ValueError(f"the stop phrase {phrase!r} must hold the env's stop marker {marker!r}")
     out, n_in, hist = [], 0, {}
     for tr in trajs:
         n_in += 1
-        d = distill(tr, fit_iou, phrase, marker, max_steps)
+        d = distill_token(tr, fit_iou, token, max_steps) if token else distill(tr, fit_iou, phrase, marker, max_steps)
         if d is not None:
             out.append(d)
             hist[len(d.steps)] = hist.get(len(d.steps), 0) + 1
@@ -112,7 +151,9 @@ def build(trajs: Iterable[Trajectory], fit_iou: float, phrase: str = PHRASE, mar
     n_anchor = sum(1 for d in out if d.meta.get("anchor"))
     return out, {"n_in": n_in, "n_out": len(out), "skipped": n_in - len(out) + n_anchor, "fits": fits,
                  "anchors": n_anchor, "fit_share": fits / max(1, len(out) - n_anchor),
-                 "steps_hist": dict(sorted(hist.items())), "fit_iou": fit_iou, "phrase": phrase, "stop_marker": marker}
+                 "steps_hist": dict(sorted(hist.items())), "fit_iou": fit_iou,
+                 **({"stop_token": token, "stops": sum(d.meta["stop_step"] is not None for d in out),
+                     "stop_marker": token} if token else {"phrase": phrase, "stop_marker": marker})}
 
 
 def record_stop_marker(model_dir: str | Path, marker: str = MARKER) -> Path:
@@ -140,6 +181,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     ap.add_argument("--anchors", nargs="?", const="stop", default=None, choices=["stop", "all"],
                     help="also a box anchor per non-fitting answer (the phrase as context, its own box the target); "
                          "'all': per fitting answer too (its phrase-less text as context)")
+    ap.add_argument("--stop-token", default="", metavar="TOKEN",
+                    help="instead of the phrase: teach a stop TOKEN written right after the step that fits "
+                         "(PromptConfig.stop_token, e.g. '<|box_end|>'); rollouts at the full budget")
     ap.add_argument("--write-marker", default=None, metavar="MODEL_DIR",
                     help="instead: record --stop-marker in a trained model folder's ivt_policy.json (evaluate's "
                          "--allow-stop then runs the env with it)")
@@ -151,11 +195,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     src = Path(a.rollouts)
     src = src / "trajectories.jsonl" if src.is_dir() else src
     trajs, summary = build(load_trajectories(src), a.fit_iou, a.phrase, a.stop_marker, a.max_steps,
-                           {"stop": True, "all": "all", None: False}[a.anchors])
+                           {"stop": True, "all": "all", None: False}[a.anchors], a.stop_token)
     out = Path(a.out)
     save_trajectories(out / "trajectories.jsonl", trajs)
     steps = max(summary["steps_hist"], default=1) - 1
-    (out / "config.yaml").write_text(f"steps: {steps}\nstop: true\nstop_marker: {json.dumps(a.stop_marker)}\n"
+    (out / "config.yaml").write_text(f"steps: {steps}\nstop: true\nstop_marker: {json.dumps(summary['stop_marker'])}\n"
                                      f"source: {json.dumps(str(src))}\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))

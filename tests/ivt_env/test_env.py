@@ -16,6 +16,7 @@ INFO_KEYS = {
     "max_steps", "box", "box_norm", "valid", "reason", "iou", "ious", "valids", "boxes_norm",
     "steps_used", "allow_stop",  # adaptive refinement (issue 14): refinement steps taken, whether stopping is on
     "keep_marker",  # the text that keeps the previous box ("Keeping a box")
+    "stop_marker",  # the text that ends an episode (allow_stop)
 }
 
 

@@ -318,3 +318,17 @@ def test_rollout_batch_all_trajectories_in_one_batch(tiny_model, tmp_path, monke
                eval_limit=2, val_size=2)
     assert grpo.train(cfg)["iterations"] == 1
     assert slots == [6, 2]  # training: 3 prompts x 2 in one batch; validation: eval_limit envs
+
+
+def test_a_trained_stop_token_policy_is_refused_in_a_stopping_env(tiny_model, tmp_path):
+    """GRPO does not score a stop-token decision's go-on choices (injected tokens): refused, with the BC config to use."""
+    import shutil
+
+    from agents.grpo.setup import build_policy
+
+    model = tmp_path / "stop_model"
+    shutil.copytree(tiny_model, model)
+    (model / "prompts.yaml").write_text((ROOT / "configs" / "prompts_tiny_stop.yaml").read_text())
+    with pytest.raises(ValueError, match="GRPO config: .*stop_token '<\\|box_end\\|>'.*bc_adaptive_token_cpu.yaml"):
+        build_policy(_cfg(str(model), tmp_path / "run", env_id="IVT-Synthetic-Adaptive-v0"))
+    assert build_policy(_cfg(str(model), tmp_path / "run2")).layout.prompts.stop_token == "<|box_end|>"  # fixed T

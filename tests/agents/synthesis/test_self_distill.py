@@ -97,3 +97,23 @@ def test_cli_writes_a_bc_folder_and_marks_a_model(tmp_path):
         == {"allow_stop": True}
     with pytest.raises(FileNotFoundError):
         record_stop_marker(tmp_path / "nothing")
+
+
+def test_stop_token_targets_stop_after_the_first_fitting_step():
+    from agents.synthesis.self_distill import distill_token
+
+    moved = "<think>Move right.</think> [110, 200, 310, 400]"
+    late = _traj("f", 0.3, [ANSWER, moved, KEEP])
+    late.steps[1].iou, late.steps[2].iou = 0.8, 0.8  # the refinement fits: stop right after it
+    d = distill_token(late, 0.5, "<|box_end|>")
+    assert [s.text for s in d.steps] == [ANSWER, moved + "<|box_end|>"]
+    assert d.meta["stop_decisions"] and d.meta["stop_step"] == 1 and not d.meta["fits"] and d.meta["allow_stop"]
+    never = distill_token(_traj("g", 0.2, [ANSWER, KEEP, KEEP]), 0.5, "<|box_end|>")
+    assert [s.text for s in never.steps] == [ANSWER, KEEP, KEEP] and never.meta["stop_step"] is None
+    first = distill_token(_traj("h", 0.9, [ANSWER, KEEP]), 0.5, "<|box_end|>")
+    assert [s.text for s in first.steps] == [ANSWER + "<|box_end|>"] and first.meta["fits"]
+    out, summary = build([late, _traj("g", 0.2, [ANSWER, KEEP, KEEP]), _traj("h", 0.9, [ANSWER, KEEP])], 0.5,
+                         token="<|box_end|>")
+    assert summary["stops"] == 2 and summary["fits"] == 1 and summary["stop_marker"] == "<|box_end|>"
+    with pytest.raises(ValueError, match="--anchors"):
+        build([late], 0.5, anchors=True, token="<|box_end|>")
