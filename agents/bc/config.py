@@ -60,7 +60,8 @@ class BCConfig:
     dtype: Optional[str] = None
     """Model dtype (float32, bfloat16, float16; None: the policy's default)."""
     threads: int = 0
-    """torch.set_num_threads (0: leave torch's default)."""
+    """torch.set_num_threads (0: leave torch's default); under torchrun the run's threads, split over its ranks
+    (threads 2 with 2 ranks: one each)."""
 
     # ------------------------------------------------------------------------------------------------ data
     data: str = "online"
@@ -102,7 +103,7 @@ class BCConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     batch_size: int = 4
-    """Trajectories per micro-batch (IVT: 4)."""
+    """Trajectories per micro-batch (IVT: 4); under torchrun each rank draws batch_size / ranks of it."""
     grad_accum: int = 4
     """Micro-batches per optimizer step (IVT: 4)."""
     epochs: float = 10.0

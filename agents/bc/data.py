@@ -145,6 +145,33 @@ class OnlineData:
         return trajs
 
 
+class Shard:
+    """Data-parallel rank ``rank`` of ``world`` (``torchrun``): its micro-batch ``k`` is ``data``'s micro-batch
+    ``k * world + rank``, so the ranks draw disjoint batches of ``data`` (built with the per-rank batch size and
+    its phase lengths in those micro-batches) and a resumed run draws the same ones again.
+
+    >>> class Numbers:
+    ...     batches_per_epoch = 6
+    ...     def batch(self, k): return [k]
+    >>> [Shard(Numbers(), 1, 2).batch(k) for k in range(3)], Shard(Numbers(), 1, 2).batches_per_epoch
+    ([[1], [3], [5]], 3)
+    """
+
+    def __init__(self, data: Any, rank: int, world: int):
+        self.data, self.rank, self.world = data, int(rank), int(world)
+
+    def batch(self, k: int) -> list[Trajectory]:
+        return self.data.batch(k * self.world + self.rank)
+
+    @property
+    def batches_per_epoch(self) -> Optional[int]:
+        n = getattr(self.data, "batches_per_epoch", None)
+        return max(1, n // self.world) if n else n
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+
 class _Batches(torch.utils.data.Dataset):
     """Item k: micro-batch k of ``data`` and, with ``encode``, each trajectory's training sequence."""
 

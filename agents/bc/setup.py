@@ -93,8 +93,17 @@ def init_number_embeddings(model_dir: str | Path, max_value: int = 1000, min_per
     return len(ids)
 
 
-def build_data(cfg: BCConfig) -> Any:
-    """OnlineData (fresh trajectories per batch) or FolderData (a synthesized folder)."""
+def build_data(cfg: BCConfig, rank: int = 0, world: int = 1) -> Any:
+    """OnlineData (fresh trajectories per batch) or FolderData (a synthesized folder); under ``torchrun`` (``world``
+    ranks) rank ``rank``'s :class:`~agents.bc.data.Shard` of it, each rank drawing ``batch_size / world`` of every
+    step's batch."""
+    from agents.bc.data import Shard
+
+    data = _build_data(dataclasses.replace(cfg, batch_size=cfg.batch_size // world), world)
+    return data if world == 1 else Shard(data, rank, world)
+
+
+def _build_data(cfg: BCConfig, world: int) -> Any:
     from agents.bc.data import FolderData, OnlineData
     from agents.synthesis import Synthesizer, make_env
 
@@ -110,8 +119,8 @@ def build_data(cfg: BCConfig) -> Any:
             l_cfg = dataclasses.replace(cfg.synth, start="gt", steps=0, iou_min=0.0, iou_max=1.0, dataset_kwargs=kwargs)
             loc = Synthesizer(l_cfg)
         return OnlineData(syn, cfg.batch_size, seed=cfg.seed, grounding=ground, grounding_mix=cfg.grounding_mix,
-                          grounding_only=cfg.grounding_only_steps * cfg.grad_accum, localize=loc,
-                          localize_only=cfg.localize_steps * cfg.grad_accum)
+                          grounding_only=cfg.grounding_only_steps * cfg.grad_accum * world, localize=loc,
+                          localize_only=cfg.localize_steps * cfg.grad_accum * world)  # in micro-batches of data
     steps = None
     cfg_path = Path(cfg.data) / "config.yaml"
     if cfg_path.is_file():  # the env that replays image-less trajectories uses the folder's own settings

@@ -8,6 +8,11 @@ images and the corrective instructions, labelled -100), step AdamW under a warm-
 per-step IoU, rates as ``eval/...``; the best checkpoint by ``best_metric`` goes to ``{run}/best``), and CHECKPOINT
 atomically (``agents.common.checkpoint``). ``--resume --out RUN`` continues a killed run.
 
+Data parallel: ``torchrun --nproc_per_node K -m agents.bc train`` (gloo on CPU, nccl on GPU): each rank draws its own
+``batch_size / K`` of every step's batch (:class:`agents.bc.data.Shard`), the gradients are averaged over ranks
+before clipping, rank 0 alone evaluates, logs and writes; ``threads`` are split over the ranks. On the 2-core CPU
+machine two ranks of one thread run the default recipe faster than one process of two threads (README, Benchmarks).
+
 The training sequences are built by the policy itself (``VLMPolicy.bc_loss`` -> ``encode_trajectory``): the same
 prompt, the same injected overlay images and instructions, the same prefix continuation as at inference.
 
@@ -30,6 +35,7 @@ import torch
 from agents.bc.config import BCConfig
 from agents.bc.data import Prefetcher
 from agents.bc.setup import bc_scheduler, build_data, build_policy, steps_per_epoch, total_steps, train_only_token_rows
+from agents.common import distributed
 from agents.common.checkpoint import (CheckpointError, apply_schedule, checkpoint_dir, latest_checkpoint,
                                      load_checkpoint, prune_checkpoints, read_state, save_checkpoint)
 from agents.common.config import atomic_write_text, parse_train_command, to_dict
@@ -51,10 +57,14 @@ def train(cfg: BCConfig) -> dict[str, Any]:
     check_bc(cfg)  # every name and folder, before the model loads or a run folder exists
     cfg = _folder_data_options(cfg)
     cfg.validate()
+    dist = distributed.init_distributed()
+    if cfg.batch_size % dist.world_size:
+        raise ValueError(f"bc config: batch_size {cfg.batch_size} is not a multiple of the {dist.world_size} torchrun "
+                         "ranks (each rank draws an equal share of every batch)")
     if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+        torch.set_num_threads(max(1, cfg.threads // dist.world_size))  # the run's threads, split over its ranks
     seed_everything(cfg.seed)
-    run_dir, policy, params, data, optimizer, scheduler, state, log = _setup_run(cfg)
+    run_dir, policy, params, data, optimizer, scheduler, state, log = _setup_run(cfg, dist)
     total = total_steps(cfg, data)
     eval_every = cfg.eval_every or steps_per_epoch(cfg, data)  # 0 with online data: evaluate only at the end
     loss_options = BCLossOptions(number_sigma=cfg.number_sigma, clone_start=cfg.clone_start,
@@ -62,9 +72,12 @@ def train(cfg: BCConfig) -> dict[str, Any]:
     evaluator = Validator(cfg)
 
     if state["step"] == 0 and cfg.eval_at_start:  # the start point of the curves
-        m = _evaluate(cfg, policy, evaluator, log, state, run_dir, step=0)
-        print(f"[bc] step 0 (untrained): acc@0.5 {m['acc@0.5']:.3f}, format {m['format_rate']:.3f}", file=sys.stderr)
-    bar = _progress(cfg, total, start=state["step"])
+        if dist.is_main:
+            m = _evaluate(cfg, policy, evaluator, log, state, run_dir, step=0)
+            print(f"[bc] step 0 (untrained): acc@0.5 {m['acc@0.5']:.3f}, format {m['format_rate']:.3f}",
+                  file=sys.stderr)
+        distributed.barrier()
+    bar = _progress(cfg, total, start=state["step"]) if dist.is_main else None
     t_start = time.perf_counter()
     # micro-batches drawn and encoded in a worker process, cfg.prefetch ahead (the same batches as in-process)
     encode = getattr(policy, "encode_trajectory", None)
@@ -80,6 +93,7 @@ def train(cfg: BCConfig) -> dict[str, Any]:
 def _train_loop(cfg, policy, params, data, optimizer, scheduler, state, log, run_dir, total, eval_every,
                 loss_options, evaluator, bar, prefetch, t_start) -> dict[str, Any]:
     done_here, window = 0, []
+    dist = distributed.current()
     for step in range(state["step"], total):
         # --- one optimizer step over grad_accum micro-batches of teacher trajectories
         t0 = time.perf_counter()
@@ -89,8 +103,9 @@ def _train_loop(cfg, policy, params, data, optimizer, scheduler, state, log, run
                            else policy.bc_loss(batch, loss_options))
             (loss / cfg.grad_accum).backward()
             window.append(float(loss.detach()))
-            state["trajectories"] += len(batch)
-            state["tokens"] += int(n_tok)
+            state["trajectories"] += len(batch) * dist.world_size
+            state["tokens"] += int(n_tok) * dist.world_size  # torchrun: this rank's count x ranks
+        distributed.all_reduce_grads(params)  # torchrun: the mean gradient of every rank's micro-batches
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         lr = optimizer.param_groups[0]["lr"]
@@ -105,56 +120,71 @@ def _train_loop(cfg, policy, params, data, optimizer, scheduler, state, log, run
         # --- log
         last = s == total
         if s % cfg.log_every == 0 or last:
-            _log_step(log, bar, state, s, loss=sum(window) / len(window), lr=lr, grad_norm=grad_norm, step_s=dt)
+            loss_mean = distributed.all_reduce_mean({"loss": sum(window) / len(window)})["loss"]
+            _log_step(log, bar, state, s, loss=loss_mean, lr=lr, grad_norm=grad_norm, step_s=dt)
             window = []
         if bar is not None:
             bar.update(1)
 
         # --- evaluate (best checkpoint by best_metric), checkpoint, stop on the step / time budget
-        stop = bool(cfg.stop_after and done_here >= cfg.stop_after) or (
-            cfg.time_limit_min > 0 and time.perf_counter() - t_start >= 60 * cfg.time_limit_min)
+        timed_out = cfg.time_limit_min > 0 and time.perf_counter() - t_start >= 60 * cfg.time_limit_min
+        if cfg.time_limit_min > 0:  # every rank stops at the same step
+            timed_out = distributed.all_reduce_sum(float(timed_out)) > 0
+        stop = bool(cfg.stop_after and done_here >= cfg.stop_after) or timed_out
         evaluate_now = bool(eval_every and s % eval_every == 0)
         if evaluate_now or last or (stop and cfg.time_limit_min > 0):
-            m = _evaluate(cfg, policy, evaluator, log, state, run_dir, step=s)
-            if bar is not None:
-                bar.write(f"[bc] step {s}: val acc@0.5 {m['acc@0.5']:.3f}  miou {m['miou']:.3f}  "
-                          f"format {m['format_rate']:.3f}")
+            if dist.is_main:
+                m = _evaluate(cfg, policy, evaluator, log, state, run_dir, step=s)
+                if bar is not None:
+                    bar.write(f"[bc] step {s}: val acc@0.5 {m['acc@0.5']:.3f}  miou {m['miou']:.3f}  "
+                              f"format {m['format_rate']:.3f}")
+            distributed.barrier()
         if last or stop or evaluate_now or (cfg.save_every and s % cfg.save_every == 0):
             _checkpoint(cfg, run_dir, policy, optimizer, scheduler, state)
-        if stop and not last:
+        if stop and not last and dist.is_main:
             print(f"[bc] stopped after {done_here} steps (step {s} of {total}); continue with --resume --out {run_dir}",
                   file=sys.stderr)
+        if stop and not last:
             break
     if bar is not None:
         bar.close()
     evaluator.close()
-    if state["step"] == total:
+    if state["step"] == total and dist.is_main:
         _save_policy(policy, run_dir / "final", state["evals"][-1] if state["evals"] else {})
     log.close()
     summary = _summary(cfg, run_dir, state, total)
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if dist.is_main:
+        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _setup_run(cfg: BCConfig):
-    """Run folder, policy, data, optimizer, schedule, state (restored by --resume) and logger."""
-    run_dir = prepare_run_dir(cfg, cfg.synth.env)
+def _setup_run(cfg: BCConfig, dist: distributed.DistInfo):
+    """Run folder, policy, data, optimizer, schedule, state (restored by --resume) and logger (rank 0 alone
+    prepares the folder, builds a fresh tiny model and writes)."""
+    run_dir = prepare_run_dir(cfg, cfg.synth.env) if dist.is_main else None
+    run_dir = Path(distributed.broadcast_object(str(run_dir) if dist.is_main else None))
     resume_step = None
     if cfg.resume:  # before the logger opens scalars.jsonl for appending (the file is rewritten here)
         resume_step = int(read_state(latest_checkpoint(run_dir))["step"])
-        truncate_scalars(run_dir, resume_step)
+        if dist.is_main:
+            truncate_scalars(run_dir, resume_step)
     # TensorBoard drops what the killed run logged after its checkpoint (events at resume_step + 1 and later)
-    log = RunLogger(run_dir, purge_step=None if resume_step is None else resume_step + 1)
-    policy = build_policy(cfg, run_dir)
+    log = RunLogger(run_dir, purge_step=None if resume_step is None else resume_step + 1, enabled=dist.is_main)
+    policy = build_policy(cfg, run_dir) if dist.is_main else None
+    distributed.barrier()  # the other ranks load the tiny model rank 0 built into {run}/base
+    policy = policy or build_policy(cfg, run_dir)
     policy.train()
     if cfg.train_only_tokens:
         ids = train_only_token_rows(policy, cfg.train_only_tokens)
-        print(f"[bc] train_only_tokens: {len(ids)} embedding rows train, every other weight is frozen", file=sys.stderr)
+        if dist.is_main:
+            print(f"[bc] train_only_tokens: {len(ids)} embedding rows train, every other weight is frozen",
+                  file=sys.stderr)
     params = list(policy.trainable_parameters())
     if not params:
         raise ValueError(f"policy from {cfg.init_from!r} has no trainable parameters")
-    data = build_data(cfg)
+    distributed.broadcast_parameters(params)
+    data = build_data(cfg, dist.rank, dist.world_size)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = bc_scheduler(optimizer, total_steps(cfg, data), cfg)
     state: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "evals": [], "train_s": 0.0,
@@ -164,7 +194,7 @@ def _setup_run(cfg: BCConfig):
         state = load_checkpoint(ckpt, policy=policy, optimizer=optimizer, scheduler=scheduler)
         apply_schedule(optimizer, scheduler, cfg.lr)  # the schedule of THIS run's length (a longer run extends it)
         print(f"[bc] resumed {ckpt} at step {state['step']}", file=sys.stderr)
-    else:
+    elif dist.is_main:
         log.hparams(to_dict(cfg), {"eval/acc@0.5": 0.0, "eval/miou": 0.0})
         log.text("config", "```\n" + (run_dir / "config.yaml").read_text() + "\n```", 0)
     return run_dir, policy, params, data, optimizer, scheduler, state, log
@@ -234,9 +264,17 @@ def _evaluate(cfg: BCConfig, policy: Any, evaluator: Validator, log: RunLogger, 
 
 
 def _checkpoint(cfg: BCConfig, run_dir: Path, policy: Any, optimizer: Any, scheduler: Any, state: dict) -> None:
-    save_checkpoint(checkpoint_dir(run_dir, state["step"]), policy=policy, optimizer=optimizer, scheduler=scheduler,
-                    state={**state, "config": to_dict(cfg)}, save_policy_files=False)
-    prune_checkpoints(run_dir, cfg.keep_last)
+    """Rank 0 writes; under torchrun the state records every rank's parameter digest (equal: identical replicas)."""
+    dist = distributed.current()
+    ranks = {}
+    if dist.enabled:
+        digests = distributed.gather_objects(distributed.param_digest(policy.trainable_parameters()))
+        ranks = {"world_size": dist.world_size, "param_sha256": digests}
+    if dist.is_main:
+        save_checkpoint(checkpoint_dir(run_dir, state["step"]), policy=policy, optimizer=optimizer,
+                        scheduler=scheduler, state={**state, **ranks, "config": to_dict(cfg)}, save_policy_files=False)
+        prune_checkpoints(run_dir, cfg.keep_last)
+    distributed.barrier()
 
 
 def _log_step(log: RunLogger, bar: Any, state: dict, step: int, *, loss: float, lr: float, grad_norm: float,
@@ -286,6 +324,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return cfg
     try:
         summary = train(cfg)
+        is_main = distributed.current().is_main
     except (FileNotFoundError, FileExistsError, NotADirectoryError, DatasetError, CheckpointError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)  # a user's mistake: one line, no traceback
         return 2
@@ -294,5 +333,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise  # not a user error: keep the traceback
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
+    finally:
+        distributed.cleanup()
+    if is_main:
+        print(json.dumps(summary, indent=2))
     return 0
