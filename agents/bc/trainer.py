@@ -234,6 +234,9 @@ class Validator:
             val_cfg = dataclasses.replace(cfg.synth, split=cfg.val_split, dataset_kwargs=kwargs)
             ds = load_env_dataset(val_cfg)
             n = len(ds) if cfg.eval_limit <= 0 else min(cfg.eval_limit, len(ds))
+            if cfg.eval_limit > len(ds):
+                print(f"[bc] eval_limit {cfg.eval_limit}: split {cfg.val_split!r} has {len(ds)} samples, all evaluated "
+                      "(a synthetic split grows with synth.dataset_kwargs.split_sizes)", file=sys.stderr)
             self.collector = Collector([make_env(val_cfg, steps, ds) for _ in range(max(1, min(cfg.eval_batch, n)))])
         sampling = SamplingParams(greedy=True, max_new_tokens=cfg.eval_max_new_tokens)
         t0 = time.perf_counter()

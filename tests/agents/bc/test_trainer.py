@@ -322,3 +322,11 @@ def test_resume_after_a_kill_logs_each_step_once_in_tensorboard(tmp_path, monkey
     assert [e.step for e in ea.Scalars("eval/acc@0.5")] == [2, 3]
     rows = [json.loads(x) for x in (tmp_path / "run" / "scalars.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]
+
+
+def test_eval_limit_above_the_split_size_says_so(tmp_path, capsys):
+    cfg = _cfg(tmp_path / "run", max_steps=1, eval_limit=50,
+               synth=_synth(dataset_kwargs={"split_sizes": {"train": 100, "val": 3}}))
+    summary = train(cfg)
+    assert summary["last_eval"]["n"] == 3
+    assert "eval_limit 50: split 'val' has 3 samples, all evaluated" in capsys.readouterr().err
