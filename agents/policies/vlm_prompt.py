@@ -231,6 +231,7 @@ class PromptLayout:
         self.fast_encode = True
         self._fast_checks = {"numpy": self.FAST_CHECKS, "image_processor": self.FAST_CHECKS}  # per pixel route
         self._text_ids: dict[str, list[int]] = {}
+        self._decisions: dict[tuple[str, str], tuple[int, int]] = {}  # stop_decision() memo
         self._cache: Optional[OrderedDict] = None  # chunk memo, active inside caching()
         self._cache_max = 0
         self.cache_hits = 0
@@ -344,12 +345,15 @@ class PromptLayout:
         go-on id is the first token of every refinement chunk (what follows a step that does not stop)."""
         if not self.prompts.stop_token:
             return None
-        ids = self.text_ids(self.prompts.stop_token)
-        go = self.tokenizer(self.refine_text())["input_ids"][0]
-        if len(ids) != 1 or ids[0] == go or ids[0] in self.placeholder_ids:
-            raise ValueError(f"prompts: stop_token {self.prompts.stop_token!r} must be one token of the vocabulary "
-                             f"(got ids {ids}), not a placeholder or the refinement chunk's first token ({go})")
-        return ids[0], int(go)
+        key = (self.prompts.stop_token, self.refine_text())  # read once per generated step: memoised
+        if key not in self._decisions:
+            ids = self.text_ids(key[0])
+            go = self.tokenizer(key[1])["input_ids"][0]
+            if len(ids) != 1 or ids[0] == go or ids[0] in self.placeholder_ids:
+                raise ValueError(f"prompts: stop_token {key[0]!r} must be one token of the vocabulary (got ids "
+                                 f"{ids}), not a placeholder or the refinement chunk's first token ({go})")
+            self._decisions[key] = (ids[0], int(go))
+        return self._decisions[key]
 
     def text_ids(self, text: str) -> list[int]:
         """A generated step's text as ids (teacher trajectories without ids)."""
