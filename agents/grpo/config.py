@@ -44,6 +44,9 @@ class GRPOConfig:
     """T: refinement steps after step 0 (episodes have T+1 steps). T=0 is the single-step variant."""
     reward: str = "ivt"
     """Reward given to the env: a name of ivt_env.rewards.get_reward (ivt = IVT Eq. 3) or 'pkg.mod:fn'."""
+    env_kwargs: str = ""
+    """Extra keyword arguments of the env as a JSON object (as `agents.evaluate --env-kwargs`), e.g.
+    '{"allow_stop": true, "step_cost": 0.02, "stop_marker": "fits."}'; they win over the env id's defaults."""
     data_root: Optional[str] = None
     """Folder with the datasets (real datasets only; synthetic scenes need none)."""
     train_split: str = "train"
@@ -237,3 +240,20 @@ class GRPOConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"GRPO config: {msg}")
+        self.env_options()
+
+    def env_options(self) -> dict:
+        """``env_kwargs`` parsed (a JSON object; empty: none)."""
+        import json
+
+        try:
+            opts = json.loads(self.env_kwargs) if self.env_kwargs.strip() else {}
+        except json.JSONDecodeError as e:
+            raise ValueError(f"GRPO config: env_kwargs is not JSON ({e.msg}): {self.env_kwargs!r}") from None
+        if not isinstance(opts, dict):
+            raise ValueError(f"GRPO config: env_kwargs must be a JSON object, got {self.env_kwargs!r}")
+        own = {"max_refine_steps": "max_refine_steps", "reward_fn": "reward", "split": "train_split / val_split",
+               "data_root": "data_root"}
+        for key in own.keys() & opts.keys():
+            raise ValueError(f"GRPO config: env_kwargs {key!r} is set by the option {own[key]!r}; set it there")
+        return opts

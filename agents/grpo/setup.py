@@ -50,10 +50,12 @@ def build_policy(cfg: GRPOConfig) -> Any:
     if not list(policy.trainable_parameters()):
         raise ValueError(f"policy {cfg.policy!r} from {cfg.init_from!r} has no trainable parameters")
     prompts = getattr(getattr(policy, "layout", None), "prompts", None)
-    if getattr(prompts, "stop_token", "") and ENV_DEFAULTS.get(cfg.env_id, {}).get("allow_stop"):
+    stops = {**ENV_DEFAULTS.get(cfg.env_id, {}), **cfg.env_options()}.get("allow_stop")
+    if getattr(prompts, "stop_token", "") and stops:
         # its go-on choices are injected tokens, never scored: the policy gradient would see only the stops
         raise ValueError(f"GRPO config: {cfg.init_from!r} stops with a trained token (prompts stop_token "
-                         f"{prompts.stop_token!r}) and {cfg.env_id} allows stopping; GRPO does not train that decision "
+                         f"{prompts.stop_token!r}) and the env allows stopping ({cfg.env_id}, env_kwargs "
+                         f"{cfg.env_kwargs or '{}'}); GRPO does not train that decision "
                          "(train it with behaviour cloning: configs/bc_adaptive_token_cpu.yaml) or use an env without "
                          "stopping")
     return policy
@@ -85,9 +87,12 @@ def lora_settings(cfg: Any) -> Any:
 def env_factory(cfg: GRPOConfig, split: str, size: int = 0) -> Callable[[], Any]:
     """A zero-argument constructor of the grounding env for ``split`` with the configured reward and T; ``size`` > 0
     sets the split's size (the synthetic dataset's ``split_sizes``: e.g. 1,000 validation scenes)."""
+    opts = cfg.env_options()
+    dataset_kwargs = dict(opts.pop("dataset_kwargs", None) or {})
+    if size:
+        dataset_kwargs["split_sizes"] = {**dataset_kwargs.get("split_sizes", {}), split: int(size)}
     return make_env(cfg.env_id, split=split, max_refine_steps=cfg.max_refine_steps, reward_fn=cfg.reward,
-                    data_root=cfg.data_root or None,
-                    dataset_kwargs={"split_sizes": {split: int(size)}} if size else None)
+                    data_root=cfg.data_root or None, dataset_kwargs=dataset_kwargs or None, **opts)
 
 
 def split_size(env_fn: Callable[[], Any]) -> int:

@@ -331,4 +331,23 @@ def test_a_trained_stop_token_policy_is_refused_in_a_stopping_env(tiny_model, tm
     (model / "prompts.yaml").write_text((ROOT / "configs" / "prompts_tiny_stop.yaml").read_text())
     with pytest.raises(ValueError, match="GRPO config: .*stop_token '<\\|box_end\\|>'.*bc_adaptive_token_cpu.yaml"):
         build_policy(_cfg(str(model), tmp_path / "run", env_id="IVT-Synthetic-Adaptive-v0"))
+    with pytest.raises(ValueError, match="GRPO config: .*allows stopping"):
+        build_policy(_cfg(str(model), tmp_path / "run3", env_kwargs='{"allow_stop": true}'))
     assert build_policy(_cfg(str(model), tmp_path / "run2")).layout.prompts.stop_token == "<|box_end|>"  # fixed T
+
+
+def test_env_kwargs_reach_the_env_and_bad_ones_are_named():
+    from agents.grpo.setup import env_factory
+
+    cfg = GRPOConfig(env_kwargs='{"allow_stop": true, "step_cost": 0.02, "stop_marker": "fits.", '
+                                '"dataset_kwargs": {"split_sizes": {"train": 7}}}')
+    cfg.validate()
+    env = env_factory(cfg, "train")()
+    assert (env.unwrapped.allow_stop, env.unwrapped.step_cost, env.unwrapped.stop_marker) == (True, 0.02, "fits.")
+    assert len(env.unwrapped.dataset) == 7
+    val = env_factory(cfg, "val", size=5)()  # the split size of the validation env joins the given dataset_kwargs
+    assert len(val.unwrapped.dataset) == 5 and val.unwrapped.allow_stop
+    for bad, msg in [("[1]", "must be a JSON object"), ("{allow", "is not JSON"),
+                     ('{"max_refine_steps": 3}', "set by the option 'max_refine_steps'")]:
+        with pytest.raises(ValueError, match=f"GRPO config: env_kwargs .*{msg}|GRPO config: env_kwargs {msg}"):
+            GRPOConfig(env_kwargs=bad).validate()
