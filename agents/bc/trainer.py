@@ -141,10 +141,10 @@ def _train_loop(cfg, policy, params, data, optimizer, scheduler, state, log, run
             distributed.barrier()
         if last or stop or evaluate_now or (cfg.save_every and s % cfg.save_every == 0):
             _checkpoint(cfg, run_dir, policy, optimizer, scheduler, state)
-        if stop and not last and dist.is_main:
-            print(f"[bc] stopped after {done_here} steps (step {s} of {total}); continue with --resume --out {run_dir}",
-                  file=sys.stderr)
         if stop and not last:
+            if dist.is_main:
+                print(f"[bc] stopped after {done_here} steps (step {s} of {total}); continue with --resume --out "
+                      f"{run_dir}", file=sys.stderr)
             break
     if bar is not None:
         bar.close()
@@ -267,11 +267,11 @@ def _evaluate(cfg: BCConfig, policy: Any, evaluator: Validator, log: RunLogger, 
 
 
 def _checkpoint(cfg: BCConfig, run_dir: Path, policy: Any, optimizer: Any, scheduler: Any, state: dict) -> None:
-    """Rank 0 writes; under torchrun the state records every rank's parameter digest (equal: identical replicas)."""
+    """Rank 0 writes; under torchrun the state records every rank's parameter digest (replicas that differ raise)."""
     dist = distributed.current()
     ranks = {}
     if dist.enabled:
-        digests = distributed.gather_objects(distributed.param_digest(policy.trainable_parameters()))
+        digests = distributed.replica_digests(policy.trainable_parameters(), f"step {state['step']}")
         ranks = {"world_size": dist.world_size, "param_sha256": digests}
     if dist.is_main:
         save_checkpoint(checkpoint_dir(run_dir, state["step"]), policy=policy, optimizer=optimizer,

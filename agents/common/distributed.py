@@ -150,6 +150,15 @@ def param_digest(params: Iterable[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def replica_digests(params: Iterable[torch.Tensor], where: str) -> list[str]:
+    """Every rank's :func:`param_digest` of ``params``, in rank order (all ranks take part); raises on every rank
+    when the data-parallel replicas differ (``where`` names the checkpoint in the message)."""
+    digests = gather_objects(param_digest(params))
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"trainable parameters differ between ranks at {where}: {digests}")
+    return digests
+
+
 def gather_rng_states() -> list[dict[str, Any]]:
     """Every rank's RNG states (for :func:`agents.common.checkpoint.save_checkpoint`), in rank order."""
     from agents.common.checkpoint import get_rng_state

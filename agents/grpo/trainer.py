@@ -264,9 +264,7 @@ def _config_changes(old: dict, new: dict, prefix: str = "") -> list[str]:
 def _save(run_dir, cfg, policy, optimizer, scheduler, state, dist, directory: Optional[Path] = None) -> None:
     """Checkpoint (all ranks take part: their RNG states are gathered; rank 0 writes)."""
     rng = distributed.gather_rng_states()
-    digests = distributed.gather_objects(distributed.param_digest(policy.trainable_parameters()))
-    if len(set(digests)) != 1:  # data-parallel replicas must stay bit-identical
-        raise RuntimeError(f"trainable parameters differ between ranks at iteration {state['iteration']}: {digests}")
+    digests = distributed.replica_digests(policy.trainable_parameters(), f"iteration {state['iteration']}")
     # every rank (identical replicas): all raise together, none waits at the barrier for a rank that stopped
     check_finite_state(list(policy.trainable_parameters()), optimizer,
                        what=f"checkpoint of iteration {state['iteration']}")
