@@ -34,7 +34,8 @@ import torch
 
 from agents.bc.config import BCConfig
 from agents.bc.data import Prefetcher
-from agents.bc.setup import bc_scheduler, build_data, build_policy, steps_per_epoch, total_steps, train_only_token_rows
+from agents.bc.setup import (bc_optimizer, bc_scheduler, build_data, build_policy, steps_per_epoch, total_steps,
+                             train_only_token_rows)
 from agents.common import distributed
 from agents.common.checkpoint import (CheckpointError, apply_schedule, checkpoint_dir, latest_checkpoint,
                                      load_checkpoint, prune_checkpoints, read_state, save_checkpoint)
@@ -185,7 +186,7 @@ def _setup_run(cfg: BCConfig, dist: distributed.DistInfo):
         raise ValueError(f"policy from {cfg.init_from!r} has no trainable parameters")
     distributed.broadcast_parameters(params)
     data = build_data(cfg, dist.rank, dist.world_size)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = bc_optimizer(params, cfg)
     scheduler = bc_scheduler(optimizer, total_steps(cfg, data), cfg)
     state: dict[str, Any] = {"step": 0, "best": None, "best_step": None, "evals": [], "train_s": 0.0,
                              "trajectories": 0, "tokens": 0}

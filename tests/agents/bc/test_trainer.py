@@ -208,6 +208,29 @@ def test_online_data_localize_warmup(tmp_path):
         BCConfig(data=str(tmp_path), localize_steps=1).validate()
 
 
+def test_optimizer_is_fused_adamw_with_the_loop_update():
+    from agents.bc.setup import bc_optimizer
+
+    torch.manual_seed(0)
+    init = [torch.randn(5, 3), torch.randn(7)]
+    fused_p = [torch.nn.Parameter(t.clone()) for t in init]
+    loop_p = [torch.nn.Parameter(t.clone()) for t in init]
+    cfg = BCConfig(lr=1e-2, weight_decay=0.1)
+    fused = bc_optimizer(fused_p, cfg)
+    loop = torch.optim.AdamW(loop_p, lr=1e-2, weight_decay=0.1, foreach=False)  # the per-tensor reference
+    assert fused.defaults["fused"] is True
+    for _ in range(5):
+        grads = [torch.randn_like(t) for t in init]
+        for ps, opt in ((fused_p, fused), (loop_p, loop)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(fused_p, loop_p):
+        assert torch.allclose(a, b, atol=1e-6) and not torch.equal(a.detach(), init[0] if a.dim() == 2 else init[1])
+    on_meta = [torch.nn.Parameter(torch.zeros(2, device="meta"))]  # no fused kernel there: the default AdamW
+    assert bc_optimizer(on_meta, cfg).defaults["fused"] is None
+
+
 def test_schedule_stable_phase_before_decay():
     cfg = BCConfig(lr=1.0, warmup_ratio=0.1, lr_schedule="linear", lr_decay_start=0.5, min_lr_ratio=0.2)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
