@@ -225,8 +225,8 @@ def test_optimizer_is_fused_adamw_with_the_loop_update():
             for p, g in zip(ps, grads):
                 p.grad = g.clone()
             opt.step()
-    for a, b in zip(fused_p, loop_p):
-        assert torch.allclose(a, b, atol=1e-6) and not torch.equal(a.detach(), init[0] if a.dim() == 2 else init[1])
+    for a, b, start in zip(fused_p, loop_p, init):
+        assert torch.allclose(a, b, atol=1e-6) and not torch.equal(a.detach(), start)  # moved, and as the loop moved
     on_meta = [torch.nn.Parameter(torch.zeros(2, device="meta"))]  # no fused kernel there: the default AdamW
     assert bc_optimizer(on_meta, cfg).defaults["fused"] is None
 
