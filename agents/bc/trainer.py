@@ -194,7 +194,8 @@ def _setup_run(cfg: BCConfig, dist: distributed.DistInfo):
         ckpt = latest_checkpoint(run_dir)
         state = load_checkpoint(ckpt, policy=policy, optimizer=optimizer, scheduler=scheduler)
         apply_schedule(optimizer, scheduler, cfg.lr)  # the schedule of THIS run's length (a longer run extends it)
-        print(f"[bc] resumed {ckpt} at step {state['step']}", file=sys.stderr)
+        if dist.is_main:  # one line per run, not per rank
+            print(f"[bc] resumed {ckpt} at step {state['step']}", file=sys.stderr)
     elif dist.is_main:
         log.hparams(to_dict(cfg), {"eval/acc@0.5": 0.0, "eval/miou": 0.0})
         log.text("config", "```\n" + (run_dir / "config.yaml").read_text() + "\n```", 0)
