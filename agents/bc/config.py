@@ -145,7 +145,7 @@ class BCConfig:
     """Evaluate on the val split every K optimizer steps (0: once per epoch of a data folder; with data=online
     only at the end)."""
     eval_at_start: bool = True
-    """Also evaluate before the first step (the untrained model: the start of the curves)."""
+    """Also evaluate before the first step (the start of the curves; never kept as best/, which holds a trained step)."""
     val_split: str = "val"
     """Split of the periodic evaluation (same env as synth.env)."""
     eval_limit: int = 200

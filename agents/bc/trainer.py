@@ -194,6 +194,8 @@ def _setup_run(cfg: BCConfig, dist: distributed.DistInfo):
         ckpt = latest_checkpoint(run_dir)
         state = load_checkpoint(ckpt, policy=policy, optimizer=optimizer, scheduler=scheduler)
         apply_schedule(optimizer, scheduler, cfg.lr)  # the schedule of THIS run's length (a longer run extends it)
+        if state.get("best_step") == 0:  # checkpointed before best/ excluded the start: the next evaluation replaces it
+            state["best"] = state["best_step"] = None
         if dist.is_main:  # one line per run, not per rank
             print(f"[bc] resumed {ckpt} at step {state['step']}", file=sys.stderr)
     elif dist.is_main:
@@ -255,14 +257,16 @@ class Validator:
 
 def _evaluate(cfg: BCConfig, policy: Any, evaluator: Validator, log: RunLogger, state: dict, run_dir: Path, *,
               step: int) -> dict:
-    """Validate, record, and keep the policy in ``{run}/best`` when ``best_metric`` improved."""
+    """Validate, record, and keep the policy in ``{run}/best`` when ``best_metric`` improved. Step 0 (the start,
+    validated with ``eval_at_start``) is the curves' baseline, never best/: a fine-tune that never beats its start
+    still leaves a trained policy there (``init_from`` already holds the start), as GRPO's best/."""
     m = evaluator(policy, log, step)
     rec = {"step": step, **{k: m.get(k) for k in EVAL_KEYS}}
     state["evals"].append(rec)
     score = m.get(cfg.best_metric)
     if score is None:
         raise KeyError(f"best_metric {cfg.best_metric!r} is not a metric; known: {sorted(k for k in m if k != 'report')}")
-    if state["best"] is None or score > state["best"]:
+    if step > 0 and (state["best"] is None or score > state["best"]):
         state["best"], state["best_step"] = float(score), step
         _save_policy(policy, run_dir / "best", rec)
     return m

@@ -171,7 +171,9 @@ class GRPOConfig:
 
     # ------------------------------------------------------------------------ evaluation, logging, saving
     eval_every: int = 10
-    """Validation every K iterations (and at the start and the end); 0: never."""
+    """Validation every K iterations (and at the start and the end); 0: never. best/ holds the trained iteration
+    with the highest validation return; the start's validation is the curves' baseline, never best/ (so a
+    reproduction's GRPO row is always a trained policy: init_from already holds the start)."""
     eval_limit: int = 100
     """Validation samples (0: the whole split)."""
     val_size: int = 0

@@ -3,7 +3,7 @@
 Each iteration: COLLECT ``prompts_per_iter`` groups of N trajectories from the env's train split (rollouts.collector,
 rewards from the env's ``reward_fn``), compute group-relative ADVANTAGES of the trajectory returns
 (agents.grpo.advantages), UPDATE the policy with IVT Eq. 2 (agents.grpo.update / agents.grpo.losses), LOG to TensorBoard,
-EVALUATE on the val split every ``eval_every`` iterations (best checkpoint by validation reward) and CHECKPOINT
+EVALUATE on the val split every ``eval_every`` iterations (best trained checkpoint by validation reward) and CHECKPOINT
 atomically (agents.common.checkpoint). ``--resume --out RUN`` continues a killed run. Under ``torchrun --nproc_per_node K``
 every rank collects its own groups and the gradients are averaged (agents.common.distributed).
 
@@ -67,7 +67,7 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
     sampling = dataclasses.replace(SamplingParams.from_config(cfg), branch=cfg.branch_size)
     norm_len = cfg.max_new_tokens * (cfg.max_refine_steps + 1)
 
-    if state["iteration"] == 0 and cfg.eval_every:  # the start point of the curves (and the first best/)
+    if state["iteration"] == 0 and cfg.eval_every:  # the start point of the curves (never best/: see _evaluate)
         _evaluate(cfg, policy, val, run_dir, log, state, dist, iteration=0, optimizer=optimizer,
                   scheduler=scheduler)
     bar = _progress(cfg, dist, start=state["iteration"])
@@ -182,8 +182,14 @@ def _count_skip(cfg: GRPOConfig, skipped: str, in_row: int, step: int) -> int:
 
 
 def _check_skipped(collector: Collector, trajs: Sequence[Any], it: int) -> int:
-    """How many of this iteration's samples were skipped as bad records; an error if nothing was left to train on."""
-    if not trajs and collector.last_skipped:
+    """How many of this iteration's samples were skipped as bad records; an error if nothing was left to train on.
+    Decided over all ranks (one all-reduce): every rank raises together, where a rank with nothing left raising alone
+    would leave the others waiting for it in the update's gradient all-reduce forever."""
+    empty = not trajs and bool(collector.last_skipped)
+    if distributed.all_reduce_mean({"empty": float(empty)})["empty"] > 0:
+        if not empty:
+            raise DatasetError(f"iteration {it + 1}: every sample of another rank failed at reset (that rank's error "
+                               "names them); stopping every rank together")
         first = collector.last_skipped[0]
         raise DatasetError(f"iteration {it + 1}: every sample failed at reset ({len(collector.last_skipped)} bad "
                            f"records, e.g. sample {first['index']} ({first['sample_id']}): {first['error']})")
@@ -236,6 +242,8 @@ def _resume(cfg: GRPOConfig, run_dir: Path, policy: Any, optimizer: Any, schedul
     ckpt = latest_checkpoint(run_dir)
     state = load_checkpoint(ckpt, policy=policy, optimizer=optimizer, scheduler=scheduler, rank=dist.rank)
     apply_schedule(optimizer, scheduler, cfg.lr)  # the schedule of THIS run's --iterations (an extended run goes on)
+    if state.get("best_iteration") == 0:  # a run from before best/ excluded the start: the next evaluation replaces it
+        state["best_val_reward"] = state["best_iteration"] = None
     if state.get("world_size", 1) != dist.world_size and dist.is_main:
         print(f"[grpo] resuming a {state.get('world_size')}-rank run on {dist.world_size} ranks: sampling differs "
               "from the original run", file=sys.stderr)
@@ -279,7 +287,9 @@ def _save(run_dir, cfg, policy, optimizer, scheduler, state, dist, directory: Op
 
 def _evaluate(cfg, policy, val, run_dir, log, state, dist, *, iteration: int, optimizer, scheduler) -> None:
     """Validation on rank 0 (``agents.evaluate``: ``eval/...`` scalars, strips and the report go to the run's
-    TensorBoard); the best validation reward (mean return) so far is saved to {run}/best."""
+    TensorBoard); the trained iteration with the best validation reward (mean return) so far is saved to {run}/best.
+    Iteration 0 is only the baseline: were it a candidate, a run that never beats its start would leave the start in
+    best/ and report it as the GRPO policy (as SB3's EvalCallback, the first candidate is a trained one)."""
     from agents.evaluate import evaluate
 
     m = None
@@ -296,7 +306,7 @@ def _evaluate(cfg, policy, val, run_dir, log, state, dist, *, iteration: int, op
     state["evals"].append({"iteration": iteration, "return_mean": reward, "miou": m["miou"], "acc@0.5": m["acc@0.5"],
                            "iou_step": m["iou_step"], "improve_rate": m["improve_rate"],
                            "degradation_rate": m["degradation_rate"]})
-    if state["best_val_reward"] is None or reward > state["best_val_reward"]:
+    if iteration > 0 and (state["best_val_reward"] is None or reward > state["best_val_reward"]):
         state["best_val_reward"], state["best_iteration"] = reward, iteration
         _save(run_dir, cfg, policy, optimizer, scheduler, state, dist, directory=Path(run_dir) / "best")
 

@@ -74,6 +74,9 @@ def write_report(out: Path, rows: Mapping[str, dict], meta: dict, figures: Seque
     atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
     intro = (f"Synthetic {meta['split']} split, {meta['limit']} scenes, greedy decoding, seed {meta['seed']}; "
              f"checkpoints: {meta['mode']}. Paper: Qwen3-VL-4B on the RefCOCOg / Ref-Adv-s / Ref-L4 mix.")
+    until = {k: v for k, v in (meta.get("trained_until") or {}).items() if v}
+    if until:  # e.g. a GRPO row's best/ is a trained iteration, never the start
+        intro += " Checkpoints: " + ", ".join(f"{k} at {v}" for k, v in until.items()) + "."
     tables = _tables(rows)
     found = _findings_lines(rows)
     md = ["# IVT in miniature: the paper's Table 1 and Table 2 side by side", "", intro, "", "## Findings", ""]

@@ -143,6 +143,20 @@ def train_all(cfg: ReproduceConfig, out: Path) -> dict[str, Path]:
     return {"base": base, "sft": sft, "grpo": grpo, "grpo_single": single}
 
 
+def trained_until(path: Path) -> Optional[str]:
+    """Which point of its training a checkpoint folder holds, for the report: ``"iteration N"`` (a GRPO run's best/ or
+    checkpoint: state.json; a shipped GRPO asset: eval.json) or ``"step N"`` (a behaviour-cloning run's best/:
+    eval.json); None when the folder does not say (a bare model folder)."""
+    for name in ("state.json", "eval.json"):
+        p = Path(path) / name
+        if p.is_file():
+            record = json.loads(p.read_text())
+            for key in ("iteration", "step"):
+                if isinstance(record.get(key), int):
+                    return f"{key} {record[key]}"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------- evaluation
 def evaluate_rows(cfg: ReproduceConfig, models: dict[str, Path], out: Path) -> dict[str, dict]:
     from agents.evaluate import evaluate
@@ -216,9 +230,11 @@ def reproduce(cfg: ReproduceConfig) -> dict:
     models.update({k: Path(v) for k, v in overrides.items() if v is not None})
     from agents.policies.model_dir import resolve_model_dir
 
+    trained = {}
     for key, path in models.items():  # a run's best/ (GRPO keeps its policy in best/policy/) or a model folder
         if not Path(path).is_dir():
             raise FileNotFoundError(f"{key} checkpoint {str(path)!r} is not a model folder (no such folder)")
+        trained[key] = trained_until(path)  # before resolving: a GRPO best/ says its iteration, best/policy/ does not
         models[key] = Path(resolve_model_dir(path, option=f"{key} checkpoint"))
     rows = evaluate_rows(cfg, models, out)
     figs = [("Mean IoU per step, ours (solid) vs the paper (dashed)", figures.iou_per_step(rows, out / "iou_per_step.png"))]
@@ -229,6 +245,7 @@ def reproduce(cfg: ReproduceConfig) -> dict:
                  figures.strip_grid(improved, degraded, out / "strips_sft_grpo_ivt.png")))
     meta = {"mode": "shipped" if cfg.from_shipped else "trained from scratch", "split": cfg.split,
             "limit": cfg.limit, "seed": cfg.seed, "env": ENV_ID, "models": {k: str(v) for k, v in models.items()},
+            "trained_until": trained,
             "wall_s": time.perf_counter() - t0}
     return write_report(out, rows, meta, figs)
 

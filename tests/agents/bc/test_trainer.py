@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,6 +123,24 @@ def test_tiny_run_lowers_the_loss_and_changes_parameters(tmp_path):
     assert len(losses) == 25 and sum(losses[-5:]) < sum(losses[:5])
     assert any("eval/acc@0.5" in r for r in rec) and any("train/lr" in r for r in rec)
     assert (tmp_path / "run" / "best" / "eval.json").is_file()
+
+
+def test_best_is_a_trained_step_never_the_start(tmp_path):
+    """A fine-tune whose start validates best still keeps its best TRAINED step in best/ (here step 20)."""
+    from agents.bc.trainer import _evaluate
+
+    class Policy:
+        def save(self, directory):
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            (Path(directory) / "weights").write_text(self.weights)
+
+    policy, state, scores = Policy(), {"best": None, "best_step": None, "evals": []}, {0: 0.9, 10: 0.2, 20: 0.5, 30: 0.4}
+    for step, score in scores.items():
+        policy.weights = f"after step {step}"
+        _evaluate(_cfg(tmp_path), policy, lambda p, log, s: {"acc@0.5": scores[s]}, None, state, tmp_path, step=step)
+    assert (state["best"], state["best_step"]) == (0.5, 20)
+    assert (tmp_path / "best" / "weights").read_text() == "after step 20"
+    assert json.loads((tmp_path / "best" / "eval.json").read_text())["step"] == 20
 
 
 def test_killed_run_resumes_where_it_stopped(tmp_path):

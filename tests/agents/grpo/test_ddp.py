@@ -160,3 +160,38 @@ def test_two_ranks_unequal_lengths_give_the_one_process_full_batch_gradient(tmp_
     naive = (_grad_after_update(_token_trajs(RANK_LENGTHS[0], 0), RANK_ADV[0], "token_mean")
              + _grad_after_update(_token_trajs(RANK_LENGTHS[1], 1), RANK_ADV[1], "token_mean")) / 2
     assert not torch.allclose(naive, g0["token_mean"], atol=1e-4)
+
+
+# ------------------------------------------------------------------ a rank whose samples all fail at reset
+class _Collector:
+    def __init__(self, skipped):
+        self.last_skipped = skipped
+
+
+def _skip_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    from agents.grpo.trainer import _check_skipped
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        bad = [{"index": 7, "sample_id": "s7", "error": "cannot read image /data/broken.jpg"}]
+        # rank 0 has trajectories to train on; every sample of rank 1 failed at reset
+        collector, trajs = (_Collector([]), ["a trajectory"]) if rank == 0 else (_Collector(bad), [])
+        try:
+            result = f"returned {_check_skipped(collector, trajs, 4)}"
+        except Exception as e:  # noqa: BLE001 - the test records what each rank saw
+            result = f"{type(e).__name__}: {e}"
+        dist.barrier()  # both ranks reach here: neither is left waiting in a collective
+        (Path(out_dir) / f"skip{rank}.txt").write_text(result)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_stops_when_one_ranks_samples_all_fail(tmp_path):
+    """Without the collective decision rank 0 would return and wait forever in the update's gradient all-reduce."""
+    mp.spawn(_skip_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = ((tmp_path / f"skip{r}.txt").read_text() for r in (0, 1))
+    assert r0.startswith("DatasetError: iteration 5: every sample of another rank failed at reset")
+    assert r1.startswith("DatasetError: iteration 5: every sample failed at reset (1 bad records, e.g. sample 7 (s7)")

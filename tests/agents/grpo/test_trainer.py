@@ -2,6 +2,7 @@
 like an uninterrupted one; the CLI lists every field and fails clearly without a start checkpoint."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,36 @@ def test_killed_run_resumes_like_an_uninterrupted_one(tiny_model, tmp_path, monk
     # the resumed run's scalar log has each iteration once, as the uninterrupted one
     steps = lambda run: [r["step"] for r in read_scalars(run) if "train/loss" in r]  # noqa: E731
     assert steps(tmp_path / "killed") == steps(tmp_path / "full") == [1, 2, 3]
+
+
+def test_best_is_the_best_trained_iteration_never_the_start(tiny_model, tmp_path, monkeypatch):
+    """A run whose start scores best on validation still leaves a TRAINED policy in best/: the best of iterations
+    1..3, here iteration 2 (the start is only the curves' baseline)."""
+    import agents.evaluate as evaluate_module
+
+    returns = iter([0.9, 0.2, 0.5, 0.4])  # validation return at iterations 0 (the start), 1, 2, 3
+
+    def fake_evaluate(*args, **kwargs):
+        r = next(returns)
+        return {"return_mean": r, "miou": r, "acc@0.5": r, "iou_step": [r, r], "degradation_rate": 0.0,
+                "improve_rate": 0.0}
+
+    monkeypatch.setattr(evaluate_module, "evaluate", fake_evaluate)
+    run = tmp_path / "run"
+    summary = grpo.train(_cfg(tiny_model, run, iterations=3, eval_every=1, eval_limit=1, keep_last=3))
+    assert [e["return_mean"] for e in read_state(run / "best")["evals"]] == [0.9, 0.2, 0.5]
+    assert (summary["best_iteration"], summary["best_val_reward"]) == (2, 0.5)
+    assert read_state(run / "best")["iteration"] == 2
+    best = torch.load(run / "best" / "trainable.pt", weights_only=True)
+    it2 = torch.load(run / "checkpoints" / "iter_000002" / "trainable.pt", weights_only=True)
+    assert len(best) == len(it2) and all(torch.equal(a, b) for a, b in zip(best, it2))
+
+    # a run checkpointed before this rule, whose best/ is its start: the next (trained) evaluation replaces it
+    ckpt = run / "checkpoints" / "iter_000003" / "state.json"
+    ckpt.write_text(json.dumps({**json.loads(ckpt.read_text()), "best_val_reward": 0.9, "best_iteration": 0}))
+    returns = iter([0.1])
+    summary = grpo.train(_cfg(tiny_model, run, iterations=4, eval_every=1, eval_limit=1, keep_last=3, resume=True))
+    assert (summary["best_iteration"], summary["best_val_reward"]) == (4, 0.1)
 
 
 def test_cli_help_lists_every_field():

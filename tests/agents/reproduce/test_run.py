@@ -34,6 +34,7 @@ def test_reproduce_end_to_end_on_given_checkpoints(tiny_model, tmp_path):
     out = tmp_path / "repro"
     grpo_run = tmp_path / "grpo_run"  # a GRPO run folder keeps its policy in best/policy/ (the full mode's stages)
     shutil.copytree(tiny_model, grpo_run / "best" / "policy")
+    (grpo_run / "best" / "state.json").write_text(json.dumps({"iteration": 60, "best_iteration": 60}))
     args = ["--out", str(out), "--limit", "3", "--progress", "False", "--strips", "1"]
     for flag in ("--base-model", "--sft-model", "--grpo-single-model"):
         args += [flag, tiny_model]
@@ -51,6 +52,8 @@ def test_reproduce_end_to_end_on_given_checkpoints(tiny_model, tmp_path):
     assert "data:image/png;base64," in html and "Table 2" in html  # self-contained: the figure is inline
     assert (out / "iou_per_step.png").stat().st_size > 1000
     assert "| SFT + IVT | paper |" in (out / "report.md").read_text()
+    assert results["meta"]["trained_until"] == {"base": None, "sft": None, "grpo": "iteration 60", "grpo_single": None}
+    assert "Checkpoints: grpo at iteration 60." in (out / "report.md").read_text()
 
 
 def test_missing_checkpoint_is_one_clear_line(tmp_path, capsys):
