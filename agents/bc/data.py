@@ -111,7 +111,7 @@ class OnlineData:
         self.seed = seed
         self.n = len(synthesizer.dataset) if indices is None else len(indices)
         self.indices = indices
-        self.seen = 0  # samples drawn (kept or filtered)
+        self.seen = 0  # start records made (kept or filtered)
 
     def batch(self, k: int) -> list[Trajectory]:
         """Micro-batch number ``k``: samples drawn by ``Random((seed, k))``, filtered, played as teacher
@@ -138,10 +138,17 @@ class OnlineData:
             draw = [rng.randrange(self.n) for _ in range(want + want // 2 + 1)]
             if self.indices is not None:
                 draw = [int(self.indices[i]) for i in draw]
-            recs = syn.starts(draw)
-            self.seen += len(recs)
-            kept = [r for r in recs if r["stage"] == "kept"][:want]
-            trajs += syn.trajectories(kept, keep_observations=True)
+            # scripted or ground-truth starts are made per index: read the draw in order and stop once ``want``
+            # are kept (the same picks, fewer scenes built); a policy student answers the whole draw in one batch
+            chunk = want if getattr(syn, "student", None) is None else len(draw)
+            kept: list[dict] = []
+            for pos in range(0, len(draw), chunk):
+                recs = syn.starts(draw[pos:pos + chunk])
+                self.seen += len(recs)
+                kept += [r for r in recs if r["stage"] == "kept"]
+                if len(kept) >= want:
+                    break
+            trajs += syn.trajectories(kept[:want], keep_observations=True)
         return trajs
 
 

@@ -11,6 +11,7 @@ sizes, non-overlapping shapes, the first distractor sharing the target's kind or
 from __future__ import annotations
 
 import zlib
+from collections import OrderedDict
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
@@ -32,6 +33,7 @@ from .synthetic_language import (
 __all__ = ["SyntheticConfig", "SyntheticDataset", "make_scene", "render_scene", "VOCABULARY", "DEFAULT_SPLIT_SIZES"]
 
 DEFAULT_SPLIT_SIZES = {"train": 20000, "val": 200, "test": 200}
+SCENE_MEMO = 256  # scenes a dataset keeps (SyntheticDataset.scene): more than one BC batch looks up
 
 
 @dataclass
@@ -238,6 +240,7 @@ class SyntheticDataset:
         self._n = int(num_samples)
         self._split_key = zlib.crc32(split.encode("utf-8"))  # stable across runs and Python versions
         self._ids = _LazyIds(f"synthetic-{split}-", self._n)
+        self._scenes: OrderedDict[int, tuple] = OrderedDict()  # index -> scene (see scene())
         self.bad_counts: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -256,8 +259,20 @@ class SyntheticDataset:
         return (self.config.image_size[1], self.config.image_size[0])
 
     def scene(self, index: int):
-        """``(objects, places, expression, expression_type)`` for ``index``, from (seed, split, index) alone."""
-        rng = np.random.default_rng([self.seed, self._split_key, int(index)])
+        """``(objects, places, expression, expression_type)`` for ``index``, from (seed, split, index) alone.
+
+        The last :data:`SCENE_MEMO` scenes are kept: one training sample is looked up several times in a row (its
+        start record, its teacher plan, the env reset), and the expression search is most of a scene's cost."""
+        index = int(index)
+        got = self._scenes.pop(index, None) or self._build_scene(index)
+        self._scenes[index] = got  # the most recent last
+        if len(self._scenes) > SCENE_MEMO:
+            self._scenes.popitem(last=False)
+        objects, places, expression, etype = got
+        return list(objects), list(places), expression, etype  # fresh lists: a caller's edit never reaches the memo
+
+    def _build_scene(self, index: int):
+        rng = np.random.default_rng([self.seed, self._split_key, index])
         cfg = self.config
         margin = cfg.margin * min(cfg.image_size)
         for _ in range(100):

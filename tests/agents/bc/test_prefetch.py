@@ -42,3 +42,31 @@ def test_run_with_prefetch_equals_run_without(tmp_path):
     wa = torch.load(tmp_path / "a" / "checkpoints" / "iter_000003" / "trainable.pt", weights_only=True)
     wb = torch.load(tmp_path / "b" / "checkpoints" / "iter_000003" / "trainable.pt", weights_only=True)
     assert all(torch.equal(x, y) for x, y in zip(wa, wb))
+
+
+def test_online_batches_read_the_draw_lazily_and_keep_the_same_samples(tmp_path):
+    """OnlineData stops making start records once a micro-batch is full: the picks equal those of the whole draw
+    filtered at once (the route before), here with an IoU filter that drops about half of the scripted starts."""
+    import dataclasses
+    import random
+
+    from agents.synthesis import Synthesizer
+
+    cfg = _cfg(tmp_path / "run", batch_size=6)
+    syn = Synthesizer(dataclasses.replace(cfg.synth, start="student", student="scripted", iou_min=0.3))
+    data = build_data(dataclasses.replace(cfg, data="online", grounding_mix=0.0, grounding_only_steps=0,
+                                          localize_steps=0))
+    data.syn = syn
+    made = 0
+    for k in range(4):
+        got = data.batch(k)
+        rng, want = random.Random(f"{cfg.seed}/{k}"), []
+        while len(want) < 6:  # the route before: every index of a draw at once, then the first kept ones
+            need = 6 - len(want)
+            recs = syn.starts([rng.randrange(data.n) for _ in range(need + need // 2 + 1)])
+            made += len(recs)
+            want += [r for r in recs if r["stage"] == "kept"][:need]
+        assert [t.sample_id for t in got] == [r["sample_id"] for r in want]
+        assert [t.meta["start_iou"] for t in got] == [r["iou"] for r in want]
+    assert made > 4 * 10  # the filter dropped starts: some batches drew again
+    assert data.seen < made  # fewer start records were made than drawn

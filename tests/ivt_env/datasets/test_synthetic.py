@@ -105,6 +105,22 @@ def test_deterministic_by_seed_split_index_and_independent_of_access_order():
     assert sum(val[i].gt_box != a[i].gt_box for i in range(20)) >= 15
 
 
+def test_scene_memo_returns_the_built_scene_and_is_bounded():
+    from ivt_env.datasets.synthetic import SCENE_MEMO
+
+    a = SyntheticDataset("train", seed=5)
+    first = a.scene(3)
+    first[0].clear()  # a caller's edit of the returned lists does not reach the memo
+    for i in range(4, 4 + SCENE_MEMO + 10):  # evicts index 3
+        a.scene(i)
+    assert len(a._scenes) == SCENE_MEMO and 3 not in a._scenes
+    fresh = SyntheticDataset("train", seed=5)  # nothing memoised: built from (seed, split, index) alone
+    for i in (3, 3, 200, 4 + SCENE_MEMO + 9):  # rebuilt after eviction, from the memo, recently built
+        want, got = fresh._build_scene(i), a.scene(i)
+        assert got == (list(want[0]), list(want[1]), want[2], want[3])
+        assert (a[i].expression, a[i].gt_box) == (fresh[i].expression, fresh[i].gt_box)
+
+
 def test_gt_box_is_tight_pixel_box_of_the_drawn_target():
     from ivt_env.datasets.synthetic import render_scene
 
