@@ -143,6 +143,23 @@ def test_best_is_a_trained_step_never_the_start(tmp_path):
     assert json.loads((tmp_path / "best" / "eval.json").read_text())["step"] == 20
 
 
+def test_resume_rechooses_best_when_the_checkpoint_kept_the_start(tmp_path):
+    """A checkpoint written before best/ excluded the start (best_step 0) is resumed with no best: the next
+    evaluation after resuming picks a trained step, although the start's recorded score (2.0) beats any accuracy."""
+    from agents.common.checkpoint import STATE_FILE, latest_checkpoint
+
+    common = dict(max_steps=4, eval_every=2, eval_at_start=True, warmup_ratio=0.0)
+    train(_cfg(tmp_path / "run", stop_after=2, **common))
+    state_file = latest_checkpoint(tmp_path / "run") / STATE_FILE
+    state = json.loads(state_file.read_text())
+    assert state["step"] == 2 and state["best_step"] == 2
+    state.update(best=2.0, best_step=0)  # as an older run recorded it: the start kept as best/
+    state_file.write_text(json.dumps(state))
+    resumed = train(_cfg(tmp_path / "run", resume=True, **common))
+    assert resumed["steps"] == 4 and resumed["best_step"] == 4
+    assert json.loads((tmp_path / "run" / "best" / "eval.json").read_text())["step"] == 4
+
+
 def test_killed_run_resumes_where_it_stopped(tmp_path):
     data = tmp_path / "teacher"
     run(_synth(limit=16, out=str(data), chunk_size=8))
