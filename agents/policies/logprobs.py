@@ -28,6 +28,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from agents.policies.engine import LogitFilter
+from agents.policies.rope import rope_positions
 from agents.policies.number_targets import NumberSmoothing, number_token_ids  # noqa: F401 (re-exported)
 from agents.policies import vision
 from agents.policies.vision import distinct, vision_inputs
@@ -202,14 +203,14 @@ _ROPE_MEMO: dict = {}  # the last two batches' rope positions (GRPO's reference 
 
 
 def _rope_index(model: Any, ids: torch.Tensor, mm: torch.Tensor, grid: torch.Tensor, attn: torch.Tensor):
-    """The model's own ``get_rope_index`` (3, B, L) of a padded batch, memoised (~70 ms a GRPO batch: once a step)."""
+    """Rope positions (3, B, L) of a padded batch (:func:`.rope.rope_positions`), memoised (GRPO's reference and
+    policy passes score one batch)."""
     key = (type(model.model), getattr(getattr(model.config, "vision_config", None), "spatial_merge_size", None),
            tuple(ids.shape), *(t.cpu().numpy().tobytes() for t in (ids, mm, grid, attn)))
     if key not in _ROPE_MEMO:
         while len(_ROPE_MEMO) >= 2:
             _ROPE_MEMO.pop(next(iter(_ROPE_MEMO)))
-        _ROPE_MEMO[key] = model.model.get_rope_index(input_ids=ids, mm_token_type_ids=mm, image_grid_thw=grid,
-                                                     attention_mask=attn)[0]
+        _ROPE_MEMO[key] = rope_positions(model, ids, mm, grid, attn)
     return _ROPE_MEMO[key]
 
 
@@ -302,8 +303,9 @@ def teacher_forced(model: Any, encoded: Sequence[EncodedTrajectory], pad_id: int
     ``smoothing`` (behaviour cloning only): the log-prob of a number token is replaced by its expected log-prob
     under the soft target (:class:`NumberSmoothing`); without it the values are the exact ``log p(token)``.
 
-    One forward of the right-padded batch through ``model.model`` (positions computed by the model itself from
-    ``mm_token_type_ids``, ``image_grid_thw`` and the attention mask: an independent route from the engine's),
+    One forward of the right-padded batch through ``model.model`` (rope positions of the whole padded batch from
+    ``mm_token_type_ids``, ``image_grid_thw`` and the attention mask, :func:`.rope.rope_positions`: an independent
+    route from the engine's per-chunk positions),
     then ``lm_head`` only at the positions that predict a generated token.
 
     ``share_prefix`` (issue 16): when rows share their beginnings (the N members of a GRPO group share the step-0
@@ -379,10 +381,12 @@ def _teacher_forced(model: Any, encoded: Sequence[EncodedTrajectory], pad_id: in
             keys += list(e.image_keys) if e.image_keys is not None and len(e.image_keys) == n_img else [None] * n_img
         pixels = [p for e in encoded for p in _per_image(e)]
         grids = [g[None] for e in encoded for g in e.image_grid_thw]
+        pos = _rope_index(model, ids, mm, torch.cat([e.image_grid_thw for e in encoded]), attn)  # (3, B, L)
         out = model.model(
             input_ids=ids.to(dev),
             attention_mask=attn.to(dev),
             mm_token_type_ids=mm.to(dev),
+            position_ids=pos.to(dev),
             use_cache=False,
             **vision_inputs(model.model, pixels, grids, keys, dev),  # each distinct image through the tower once
         )

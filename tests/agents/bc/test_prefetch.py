@@ -33,6 +33,25 @@ def test_prefetched_batches_and_encodings_equal_in_process(tmp_path):
     assert enc is None and [t.sample_id for t in batch] == [t.sample_id for t in data.batch(0)]
 
 
+@pytest.mark.parametrize("pack", [True, False])
+def test_a_micro_batch_crosses_in_one_buffer_per_dtype(tmp_path, pack):
+    """pack=True: the worker's 4 x 7 tensors arrive as views of one shared buffer per dtype (long, int32, float32),
+    with the values of the unpacked route."""
+    cfg = _cfg(tmp_path / "run", batch_size=4, grounding_mix=0.5, grounding_only_steps=1, max_steps=4)
+    policy = build_policy(cfg, tmp_path / "run")
+    data = build_data(cfg)
+    with Prefetcher(data, start=0, encode=policy.encode_trajectory, depth=1, pack=pack) as pre:
+        _, enc = pre.next(0)
+    storages = {t.untyped_storage().data_ptr() for e in enc for t in (e.input_ids, e.labels, e.step_index,
+                                                                       e.mm_token_type_ids, e.pixel_values)}
+    # packed: long (ids, labels, step index), int32 (token types), float32 (pixels); else one per tensor
+    assert len(storages) == (3 if pack else 5 * len(enc))
+    for e, t in zip(enc, data.batch(0)):
+        ref = policy.encode_trajectory(t)
+        assert all(torch.equal(getattr(e, f), getattr(ref, f)) for f in
+                   ("input_ids", "labels", "mm_token_type_ids", "pixel_values", "image_grid_thw", "step_index"))
+
+
 def test_run_with_prefetch_equals_run_without(tmp_path):
     kw = dict(batch_size=4, max_steps=3, grounding_mix=0.5, grounding_only_steps=1, number_sigma=20.0,
               clone_start=False)
