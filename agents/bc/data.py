@@ -14,7 +14,6 @@ uninterrupted run would have drawn, without saving any data-loader state:
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import random
 from pathlib import Path
@@ -236,9 +235,10 @@ def _as_is(item: Any) -> Any:
 
 
 def _share_by_file(worker_id: int) -> None:
-    """In the worker only: its tensors reach the training process as shared-memory FILES. The default strategy
-    (file descriptors) passes every tensor's descriptor through a socket round trip on receipt, about 80 ms of the
-    consumer's wall time per micro-batch of 16 encoded trajectories here (``benchmarks/bc_data.py``)."""
+    """In the worker only: its tensors reach the training process as shared-memory FILES. Under the default
+    strategy (file descriptors) the receiver fetches every storage's descriptor from the worker over a socket: with
+    one storage per tensor that was 107 ms of a rank's wall time (48 ms CPU) per micro-batch of 16 encoded
+    trajectories, against 7 ms packed and shared as files (``benchmarks/bc_transfer.py``)."""
     torch.multiprocessing.set_sharing_strategy("file_system")
 
 
@@ -249,7 +249,9 @@ class Prefetcher:
     function of (seed, k), so the batches and sequences are exactly those drawn in the training process.
     ``next(k)`` returns ``(trajectories, encoded or None)`` and checks that k is the next index. The worker is forked
     (it shares the data source and the encoder as they are at the first ``next``) and stops at :meth:`close`.
-    ``depth=0``: no worker, each batch made on demand."""
+    ``depth=0``: no worker, each batch made on demand. ``pack`` (default): the worker packs each micro-batch's
+    tensors into one buffer per dtype (:func:`pack_tensors`) shared as a file, so receiving it costs the training
+    rank about 7 ms instead of 107 (one descriptor round trip per tensor; ``benchmarks/bc_transfer.py``)."""
 
     def __init__(self, data: Any, start: int = 0, encode: Optional[Callable[[Any], Any]] = None, depth: int = 2,
                  pack: bool = True):

@@ -10,7 +10,8 @@ atomically (``agents.common.checkpoint``). ``--resume --out RUN`` continues a ki
 
 Data parallel: ``torchrun --nproc_per_node K -m agents.bc train`` (gloo on CPU, nccl on GPU): each rank draws its own
 ``batch_size / K`` of every step's batch (:class:`agents.bc.data.Shard`), the gradients are averaged over ranks
-before clipping, rank 0 alone evaluates, logs and writes; ``threads`` are split over the ranks. On the 2-core CPU
+before clipping, each rank validates a share of the val scenes (``evaluate(..., shard=True)``), rank 0 alone logs
+and writes; ``threads`` are split over the ranks. On the 2-core CPU
 machine two ranks of one thread run the default recipe faster than one process of two threads (README, Benchmarks).
 
 The training sequences are built by the policy itself (``VLMPolicy.bc_loss`` -> ``encode_trajectory``): the same
@@ -73,8 +74,8 @@ def train(cfg: BCConfig) -> dict[str, Any]:
     evaluator = Validator(cfg)
 
     if state["step"] == 0 and cfg.eval_at_start:  # the start point of the curves
+        m = _evaluate(cfg, policy, evaluator, log, state, run_dir, step=0)  # every rank: a share of the scenes
         if dist.is_main:
-            m = _evaluate(cfg, policy, evaluator, log, state, run_dir, step=0)
             print(f"[bc] step 0 (untrained): acc@0.5 {m['acc@0.5']:.3f}, format {m['format_rate']:.3f}",
                   file=sys.stderr)
         distributed.barrier()
@@ -134,11 +135,10 @@ def _train_loop(cfg, policy, params, data, optimizer, scheduler, state, log, run
         stop = bool(cfg.stop_after and done_here >= cfg.stop_after) or timed_out
         evaluate_now = bool(eval_every and s % eval_every == 0)
         if evaluate_now or last or (stop and cfg.time_limit_min > 0):
-            if dist.is_main:
-                m = _evaluate(cfg, policy, evaluator, log, state, run_dir, step=s)
-                if bar is not None:
-                    bar.write(f"[bc] step {s}: val acc@0.5 {m['acc@0.5']:.3f}  miou {m['miou']:.3f}  "
-                              f"format {m['format_rate']:.3f}")
+            m = _evaluate(cfg, policy, evaluator, log, state, run_dir, step=s)  # every rank: a share of the scenes
+            if bar is not None:
+                bar.write(f"[bc] step {s}: val acc@0.5 {m['acc@0.5']:.3f}  miou {m['miou']:.3f}  "
+                          f"format {m['format_rate']:.3f}")
             distributed.barrier()
         if last or stop or evaluate_now or (cfg.save_every and s % cfg.save_every == 0):
             _checkpoint(cfg, run_dir, policy, optimizer, scheduler, state)
@@ -244,8 +244,9 @@ class Validator:
             self.collector = Collector([make_env(val_cfg, steps, ds) for _ in range(max(1, min(cfg.eval_batch, n)))])
         sampling = SamplingParams(greedy=True, max_new_tokens=cfg.eval_max_new_tokens)
         t0 = time.perf_counter()
+        main = distributed.current().is_main
         m = evaluate(policy, self.collector, cfg.val_split, cfg.eval_limit or None, steps, sampling, None, writer=log,
-                     prefix="eval", global_step=step, num_strips=4, name=cfg.exp_name)
+                     prefix="eval", global_step=step, num_strips=4 if main else 0, name=cfg.exp_name, shard=True)
         log.scalar("time/eval_s", time.perf_counter() - t0, step)
         policy.train()
         return m
@@ -268,7 +269,8 @@ def _evaluate(cfg: BCConfig, policy: Any, evaluator: Validator, log: RunLogger, 
         raise KeyError(f"best_metric {cfg.best_metric!r} is not a metric; known: {sorted(k for k in m if k != 'report')}")
     if step > 0 and (state["best"] is None or score > state["best"]):
         state["best"], state["best_step"] = float(score), step
-        _save_policy(policy, run_dir / "best", rec)
+        if distributed.current().is_main:
+            _save_policy(policy, run_dir / "best", rec)
     return m
 
 

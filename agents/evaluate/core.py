@@ -31,6 +31,7 @@ from typing import Any, Optional, Sequence, Union
 
 import gymnasium as gym
 
+from agents.common import distributed
 from agents.common.config import atomic_write_text, expand_bool_flags, parse_cli
 from agents.evaluate.metrics import compute_metrics
 from agents.policies import make_policy
@@ -79,8 +80,12 @@ def evaluate(
     progress: bool = False,
     name: Optional[str] = None,
     proposals: Union[str, Path, dict, None] = None,
+    shard: bool = False,
 ) -> dict[str, Any]:
     """Roll ``policy`` out on the first ``limit`` samples of ``split`` and return the IVT metrics dict.
+
+    ``shard`` (every rank of a ``torchrun`` job calls it): rank r rolls out samples r, r + world, ... and every rank
+    gets the metrics of all of them (the trajectories are gathered in sample order), in 1 / world of the time.
 
     ``proposals``: a JSONL file (or its loaded ``{sample_id: box}`` dict) of start boxes, one per evaluated sample
     (:mod:`agents.evaluate.proposals`): every trajectory starts from its sample's box as step 0, and the metrics add
@@ -121,10 +126,19 @@ def evaluate(
             ids = first.unwrapped.dataset.sample_ids
             reset_options = reset_options_for(table, [ids[i] for i in range(n)], src)
         t0 = time.perf_counter()
-        trajs = collector.collect(policy, range(n), group_size, sampling, seed=seed,
+        dist = distributed.current()
+        rank, world = (dist.rank, dist.world_size) if shard and dist.enabled else (0, 1)
+        trajs = collector.collect(policy, range(rank, n, world), group_size, sampling, seed=seed,
                                   keep_observations=save_images, progress=progress, reset_options=reset_options)
-        elapsed = time.perf_counter() - t0
         skipped = list(collector.last_skipped)  # bad records met at reset: logged by the collector, listed in meta
+        if world > 1:  # every rank's share, back in sample order
+            parts = distributed.gather_objects((trajs, skipped))
+            trajs = sorted((t for part, _ in parts for t in part),
+                           key=lambda t: (t.meta["index"], t.meta["group_member"]))
+            skipped = [k for _, part in parts for k in part]
+            for t in trajs:  # the group number of the unsharded call (its position in range(n))
+                t.group_id = t.meta["index"]
+        elapsed = time.perf_counter() - t0
         if not trajs:
             raise DatasetError(f"evaluate: every sample failed at reset, e.g. {skipped[0]}")
         metrics = compute_metrics(trajs)

@@ -1,5 +1,6 @@
 """Behaviour cloning data parallel (``torchrun``, gloo on CPU): each rank draws its own share of every batch and
-its phase in those draws, and a real 2-process run ends with bit-identical parameters on both ranks, logged once."""
+its phase in those draws, and a real 2-process run ends with bit-identical parameters on both ranks, logged once,
+its validation sharded over the ranks."""
 
 import json
 import os
@@ -39,7 +40,7 @@ def test_torchrun_two_ranks_identical_parameters(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "agents.bc", "train", "--out", str(out), "--max-steps", "3", "--batch-size", "4",
            "--localize-steps", "1", "--grounding-only-steps", "2", "--eval-every", "0", "--eval-at-start", "False",
-           "--eval-limit", "2", "--eval-batch", "2", "--eval-max-new-tokens", "4", "--save-every", "1",
+           "--eval-limit", "4", "--eval-batch", "2", "--eval-max-new-tokens", "4", "--save-every", "1",
            "--log-every", "1", "--progress", "False", "--threads", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -51,4 +52,7 @@ def test_torchrun_two_ranks_identical_parameters(tmp_path):
     assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3]  # rank 0 alone logs, once per step
     assert [r["train/trajectories"] for r in rows if "train/loss" in r] == [4, 8, 12]
     assert json.loads((out / "summary.json").read_text())["steps"] == 3 and (out / "final").is_dir()
+    # the final validation: each rank rolled out 2 of the 4 scenes; rank 0 logged all 4, once, and wrote best/
+    assert [(r["step"], r["eval/n"]) for r in rows if "eval/n" in r] == [(3, 4.0)]
+    assert json.loads((out / "best" / "eval.json").read_text())["n"] == 4
     assert res.stdout.count('"run_dir"') == 1  # one summary printed

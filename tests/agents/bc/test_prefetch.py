@@ -89,3 +89,21 @@ def test_online_batches_read_the_draw_lazily_and_keep_the_same_samples(tmp_path)
         assert [t.meta["start_iou"] for t in got] == [r["iou"] for r in want]
     assert made > 4 * 10  # the filter dropped starts: some batches drew again
     assert data.seen < made  # fewer start records were made than drawn
+
+
+def test_transfer_benchmark_prints_json(capsys):
+    """benchmarks/bc_transfer.py end to end on one micro-batch per side: both routes give the same batches and
+    the same rope positions."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[3] / "benchmarks" / "bc_transfer.py"
+    spec = importlib.util.spec_from_file_location("bc_transfer", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--phases", "2", "--batches", "1", "--reps", "1", "--wait", "0.2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    phase = out["phases"]["2"]
+    assert phase["transfer"]["same_batches"] and phase["rope"]["same_positions"]
+    assert phase["transfer"]["before_wall_ms"] > 0 and phase["rope"]["now_ms"] > 0

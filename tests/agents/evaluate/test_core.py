@@ -108,3 +108,26 @@ def test_dataset_loads_once_for_all_envs(tmp_path, caplog):
     assert m["n"] == 10  # the fixture's 10 usable test records
     dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
     assert len(dropped) == 1 and "refl4-201" in dropped[0] and "bad_missing.jpg" in dropped[0]
+
+
+def test_sharded_evaluation_gathers_the_metrics_of_the_whole(monkeypatch):
+    """``shard=True`` under 2 ranks: rank 1 rolls out samples 1, 3, 5, rank 0 samples 0, 2, 4, 6, and the gathered
+    metrics equal one process's over all 7 (the noisy oracle draws its noise per sample, so order does not matter)."""
+    from agents.common import distributed
+
+    kw = dict(split="val", limit=7, steps=2, num_strips=0, group_size=2)
+    whole = evaluate(OraclePolicy(noise=80.0), "IVT-Synthetic-v0", **kw)
+    shares = {}
+
+    def as_rank(rank, gather):
+        monkeypatch.setattr(distributed, "current", lambda: distributed.DistInfo(rank=rank, world_size=2))
+        monkeypatch.setattr(distributed, "gather_objects", gather)
+        return evaluate(OraclePolicy(noise=80.0), "IVT-Synthetic-v0", shard=True, **kw)
+
+    as_rank(1, lambda obj: [obj, shares.setdefault(1, obj)])
+    m = as_rank(0, lambda obj: [obj, shares[1]])
+    assert sorted({t.meta["index"] for t in shares[1][0]}) == [1, 3, 5]
+    assert m["n"] == whole["n"] == 14
+    for key in ("acc@0.5", "miou", "iou_step", "delta", "improve_rate", "degradation_rate", "strata"):
+        assert m[key] == whole[key], key
+    assert 0.0 < whole["acc@0.5"] < 1.0 and whole["degradation_rate"] > 0  # the noise makes the metrics non-trivial

@@ -78,6 +78,47 @@ def test_fast_encode_equals_processor(policy):
     assert lay.fast_encode  # the self-checks of the first chunks found no difference
 
 
+EXPRESSIONS = ["the red square on the left", "a small blue circle", "the {odd} one", "dots... and 'quotes'",
+               "the green triangle above the red square", "x", "the second of three circles", "the big one <b>"]
+
+
+def test_spliced_prompts_and_backend_ids_equal_the_rendered_ones(tiny_q3):
+    """After FAST_CHECKS agreeing calls, step-0 prompts are the template's prefix + question + suffix and ids come
+    from the tokenizer's backend: both equal the chat-template render and the wrapper's ids."""
+    lay = VLMPolicy.from_pretrained(tiny_q3, device="cpu", seed=0, full_finetune=True).layout
+    for allow_stop in (False, True):
+        for e in EXPRESSIONS * 2:
+            text = lay.first_text(e, allow_stop)
+            assert text == lay._render(lay.question_text(e, allow_stop))
+            assert lay._ids(text, special=True) == lay.tokenizer(text)["input_ids"]
+            assert lay.text_ids(e + " [1, 2, 3, 4]") == lay.tokenizer(e + " [1, 2, 3, 4]",
+                                                                      add_special_tokens=False)["input_ids"]
+    assert lay._splice and lay._splice_checks <= 0 and lay._backend is not None
+    assert min(lay._backend_checks.values()) <= 0  # both routes are past their checks: the fast ones answered
+
+
+def test_a_template_that_changes_the_question_is_rendered_every_time(tiny_q3):
+    lay = VLMPolicy.from_pretrained(tiny_q3, device="cpu", seed=0, full_finetune=True).layout
+    assert "{{- c['text'] }}" in lay.tokenizer.chat_template
+    lay.tokenizer.chat_template = lay.tokenizer.chat_template.replace("{{- c['text'] }}", "{{- c['text'] | upper }}")
+    assert "A B" in lay._render("a b")  # the edit took effect
+    for e in EXPRESSIONS:
+        assert lay.first_text(e) == lay._render(lay.question_text(e)) and e.upper()[:3] in lay.first_text(e)
+    assert lay._splice is False
+
+
+def test_a_backend_that_disagrees_is_dropped(tiny_q3):
+    lay = VLMPolicy.from_pretrained(tiny_q3, device="cpu", seed=0, full_finetune=True).layout
+
+    class Wrong:
+        def encode(self, text, add_special_tokens=True):
+            return type("E", (), {"ids": [0]})()
+
+    lay._backend = Wrong()
+    assert lay.text_ids("the red square") == lay.tokenizer("the red square", add_special_tokens=False)["input_ids"]
+    assert lay._backend is None
+
+
 def test_encoding_memo_scoped_and_exact(policy):
     lay = policy.layout
     image, other = rand_image(7), rand_image(8)
