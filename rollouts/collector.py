@@ -276,7 +276,8 @@ class Collector:
             raise ValueError(f"group_size must be >= 1, got {group_size}")
         sampling = sampling or SamplingParams()
         work = [(int(idx), j, k) for k, idx in enumerate(sample_indices) for j in range(group_size)]
-        if not work:
+        if not work:  # e.g. a sharded evaluation's rank beyond the last sample
+            self.last_skipped = []
             return []
         self._ensure(len(work), group_size)
         if seed is not None and hasattr(policy, "seed"):

@@ -131,3 +131,8 @@ def test_sharded_evaluation_gathers_the_metrics_of_the_whole(monkeypatch):
     for key in ("acc@0.5", "miou", "iou_step", "delta", "improve_rate", "degradation_rate", "strata"):
         assert m[key] == whole[key], key
     assert 0.0 < whole["acc@0.5"] < 1.0 and whole["degradation_rate"] > 0  # the noise makes the metrics non-trivial
+    kw["limit"] = 1  # fewer samples than ranks: rank 1 rolls out nothing
+    shares.clear()
+    m0 = as_rank(0, lambda obj: [shares.setdefault(0, obj), ([], [])])
+    m1 = as_rank(1, lambda obj: [shares[0], shares.setdefault(1, obj)])
+    assert shares[1] == ([], []) and m1["n"] == m0["n"] == 2 and m1["miou"] == m0["miou"]
