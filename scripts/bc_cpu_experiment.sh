@@ -2,7 +2,7 @@
 # The CPU-default behaviour-cloning experiment (IVT Sec. 3.2 on IVT-Synthetic-v0, issue 5):
 #   1. synthesize an inspectable sample of the teacher data (the training itself synthesizes fresh trajectories
 #      on the fly with the same settings: configs/bc_cpu.yaml, data: online);
-#   2. behaviour-clone the tiny Qwen3-VL from scratch (configs/bc_cpu.yaml; val evaluation every 500 steps, the
+#   2. behaviour-clone the tiny Qwen3-VL from scratch (configs/bc_cpu.yaml; val evaluation every eval_every steps, the
 #      best checkpoint by val Acc@0.5 in $OUT/bc/best);
 #   3. evaluate the untrained model ("before") and the best checkpoint ("after") on the synthetic TEST split with
 #      T = 2, greedy: the paper's Table 1 / Table 2 layout in $OUT/eval_{before,after}/metrics.md.

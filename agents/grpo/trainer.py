@@ -61,7 +61,7 @@ def train(cfg: GRPOConfig) -> dict[str, Any]:
     n_slots = cfg.rollout_slots()
     collector = Collector(train_env, num_envs=n_slots)
     val = None
-    if dist.is_main and cfg.eval_every:  # envs built once, reused by every validation
+    if cfg.eval_every:  # envs built once, reused by every validation (every rank validates a share: torchrun)
         val_env = env_factory(cfg, cfg.val_split, size=cfg.val_size)
         val = Collector([val_env() for _ in range(max(1, min(cfg.eval_limit or n_slots, n_slots)))])
     sampling = dataclasses.replace(SamplingParams.from_config(cfg), branch=cfg.branch_size)
@@ -286,22 +286,22 @@ def _save(run_dir, cfg, policy, optimizer, scheduler, state, dist, directory: Op
 
 
 def _evaluate(cfg, policy, val, run_dir, log, state, dist, *, iteration: int, optimizer, scheduler) -> None:
-    """Validation on rank 0 (``agents.evaluate``: ``eval/...`` scalars, strips and the report go to the run's
-    TensorBoard); the trained iteration with the best validation reward (mean return) so far is saved to {run}/best.
+    """Validation (``agents.evaluate``: ``eval/...`` scalars, strips and the report go to the run's TensorBoard);
+    under torchrun every rank rolls out a share of the scenes and gets the metrics of all (``shard=True``: greedy
+    validation equals one process's; sampled validation draws other, equally valid, samples per world size). The
+    trained iteration with the best validation reward (mean return) so far is saved to {run}/best.
     Iteration 0 is only the baseline: were it a candidate, a run that never beats its start would leave the start in
     best/ and report it as the GRPO policy (as SB3's EvalCallback, the first candidate is a trained one)."""
     from agents.evaluate import evaluate
 
-    m = None
-    if dist.is_main:
-        t0 = time.perf_counter()
-        sampling = SamplingParams.from_config(cfg, greedy=cfg.eval_greedy)
-        m = evaluate(policy, val, cfg.val_split, cfg.eval_limit or None, cfg.max_refine_steps, sampling, None,
-                     writer=log, prefix="eval", global_step=iteration, num_strips=cfg.num_images,
-                     seed=derive_seed(cfg.seed, 7))
-        log.scalar("time/eval_s", time.perf_counter() - t0, iteration)
-        m = {k: m[k] for k in ("return_mean", "miou", "acc@0.5", "iou_step", "degradation_rate", "improve_rate")}
-    m = distributed.broadcast_object(m)
+    t0 = time.perf_counter()
+    sampling = SamplingParams.from_config(cfg, greedy=cfg.eval_greedy)
+    m = evaluate(policy, val, cfg.val_split, cfg.eval_limit or None, cfg.max_refine_steps, sampling, None,
+                 writer=log, prefix="eval", global_step=iteration, num_strips=cfg.num_images if dist.is_main else 0,
+                 seed=derive_seed(cfg.seed, 7), shard=True)  # the logger writes on rank 0 alone
+    log.scalar("time/eval_s", time.perf_counter() - t0, iteration)
+    m = {k: m[k] for k in ("return_mean", "miou", "acc@0.5", "iou_step", "degradation_rate", "improve_rate")}
+    m = distributed.broadcast_object(m)  # the same floats on every rank (rank 0's), whatever the gather order did
     reward = float(m["return_mean"])
     state["evals"].append({"iteration": iteration, "return_mean": reward, "miou": m["miou"], "acc@0.5": m["acc@0.5"],
                            "iou_step": m["iou_step"], "improve_rate": m["improve_rate"],

@@ -353,7 +353,7 @@ def test_teacher_data_folder_works_with_the_default_config(tmp_path, capsys):
                "--eval-max-new-tokens", "4", "--progress", "False"])
     err = capsys.readouterr().err
     assert rc == 0, err
-    assert "online-only options {'grounding_mix': 0.5, 'grounding_only_steps': 3600, 'localize_steps': 800}" in err
+    assert "online-only options {'grounding_mix': 0.5, 'grounding_only_steps': 4800, 'localize_steps': 800}" in err
     assert (tmp_path / "run" / "checkpoints" / "iter_000001").is_dir()
 
 

@@ -195,3 +195,31 @@ def test_every_rank_stops_when_one_ranks_samples_all_fail(tmp_path):
     r0, r1 = ((tmp_path / f"skip{r}.txt").read_text() for r in (0, 1))
     assert r0.startswith("DatasetError: iteration 5: every sample of another rank failed at reset")
     assert r1.startswith("DatasetError: iteration 5: every sample failed at reset (1 bad records, e.g. sample 7 (s7)")
+
+
+def test_torchrun_sharded_validation_equals_one_process(tmp_path):
+    """GRPO validation under torchrun: each rank rolls out a share of the val scenes (rank 0: 0, 2, 4; rank 1: 1, 3)
+    and every rank gets the metrics of all. Warm-started from the shipped BC model (it answers real boxes), the
+    figures at iteration 1 equal one process evaluating the saved best/ (= iteration 1) on the same scenes."""
+    from agents.evaluate.core import main as evaluate_main
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "agents.grpo", "train", "--init-from", str(ROOT / "assets" / "tiny-ivt-bc"), "--out", str(out),
+           "--iterations", "1", "--max-refine-steps", "1", "--group-size", "2", "--prompts-per-iter", "2",
+           "--branch-size", "1", "--max-new-tokens", "40", "--eval-every", "1", "--eval-limit", "5",
+           "--image-every", "0", "--progress", "False"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    state = read_state(latest_checkpoint(out))
+    assert [e["iteration"] for e in state["evals"]] == [0, 1] and state["best_iteration"] == 1
+    sharded = state["evals"][-1]
+    assert sharded["miou"] > 0.1  # real boxes, so the comparison below can fail
+    one = evaluate_main(["--model", str(out / "best"), "--split", "val", "--limit", "5", "--steps", "1",
+                         "--max-new-tokens", "40", "--num-envs", "5", "--out", str(tmp_path / "eval"),
+                         "--env-kwargs", '{"dataset_kwargs": {"split_sizes": {"val": 1000}}}'])
+    assert one["n"] == 5
+    for key in ("miou", "acc@0.5", "return_mean", "degradation_rate", "improve_rate"):
+        assert abs(one[key] - sharded[key]) < 1e-6, (key, one[key], sharded[key])
+    assert all(abs(a - b) < 1e-6 for a, b in zip(one["iou_step"], sharded["iou_step"]))
