@@ -25,6 +25,12 @@ DONE = "DONE"  # marker a finished training stage leaves in its folder (a re-run
 # trajectories, the default before issue 16; configs/grpo_cpu.yaml now collects all 48 in one batch (other random
 # draws per row, so other trajectories): the GRPO stages pin the old value so that they reproduce the assets
 ASSET_ROLLOUT_BATCH = 24
+# the behaviour-cloning length the GRPO CPU default was tuned on (configs/bc_cpu.yaml until session 12, when the BC
+# default grew to 6,600 steps so that every seed clears Acc@0.5 0.5): from the 6,600-step model, GRPO's KL to its
+# start reached 0.5 within 20 iterations at lr 1e-4 and validation return fell (0.644 -> 0.597), while lr 2e-5 / 5e-5
+# or beta 0.2 did not halve the degradation either (assets/tiny-ivt-bc/README.md); the full mode keeps the pairing
+BC_STAGE_LENGTHS = {"grounding_only_steps": 3600, "max_steps": 4500, "lr_decay_start": 0.8, "eval_every": 900,
+                    "save_every": 900}
 
 
 @dataclass
@@ -73,7 +79,7 @@ def _bc_stage(cfg: ReproduceConfig, out: Path, **overrides: Any) -> Path:
 
     bc = load_yaml(BCConfig, "bc_cpu.yaml")
     bc = dataclasses.replace(bc, out=str(out), seed=cfg.seed, tiny_seed=cfg.seed, threads=cfg.threads,
-                             progress=cfg.progress, **_continue(out), **overrides)
+                             progress=cfg.progress, **_continue(out), **{**BC_STAGE_LENGTHS, **overrides})
     train(bc)
     return out / "best"
 
@@ -130,9 +136,7 @@ def train_all(cfg: ReproduceConfig, out: Path) -> dict[str, Path]:
         (folder / DONE).write_text(f"{time.perf_counter() - t0:.0f} s\n")
         return best
 
-    from agents.bc import BCConfig
-
-    phase1 = load_yaml(BCConfig, "bc_cpu.yaml").grounding_only_steps
+    phase1 = BC_STAGE_LENGTHS["grounding_only_steps"]
     base = stage("base", _bc_stage, exp_name="tiny_base", stop_after=phase1, eval_every=phase1 // 9, eval_steps=0)
     if not (root / "bc" / DONE).is_file() and seed_bc_from_base(root / "base", root / "bc", phase1):
         print(f"[reproduce] bc: continues the base run from step {phase1} (phase 1 is the base)", file=sys.stderr)

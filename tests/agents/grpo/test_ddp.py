@@ -37,6 +37,7 @@ def _worker(rank, world, init_file, out_dir):
         digest = distributed.param_digest([w, b])
         torch.save({"w": w.detach(), "b": b.detach(), "gw": w.grad, "gb": b.grad, "mean": means["x"],
                     "digest": digest, "all": distributed.gather_objects(rank)}, os.path.join(out_dir, f"r{rank}.pt"))
+        dist.barrier()  # no rank tears the group down while the other is still in a collective
     finally:
         dist.destroy_process_group()
 
@@ -144,6 +145,7 @@ def _token_worker(rank, world, init_file, out_dir):
         trajs = _token_trajs(RANK_LENGTHS[rank], rank)
         grads = {a: _grad_after_update(trajs, RANK_ADV[rank], a) for a in AGGS}
         torch.save(grads, os.path.join(out_dir, f"g{rank}.pt"))
+        dist.barrier()  # no rank tears the group down while the other is still in a collective
     finally:
         dist.destroy_process_group()
 
@@ -185,6 +187,7 @@ def _skip_worker(rank, world, init_file, out_dir):
             result = f"{type(e).__name__}: {e}"
         dist.barrier()  # both ranks reach here: neither is left waiting in a collective
         (Path(out_dir) / f"skip{rank}.txt").write_text(result)
+        dist.barrier()  # no rank tears the group down while the other is still in a collective
     finally:
         dist.destroy_process_group()
 
